@@ -1,0 +1,55 @@
+"""Write README.md from nbs/index.ipynb.
+
+`nbdev-readme` renders through Quarto, a binary that cannot be installed from the package registries
+this project builds from; this script does the same job for our index notebook: markdown cells as they
+are, code cells as python blocks (with text outputs), `#| hide` cells left out, nbdev directives dropped.
+
+    python tools/make_readme.py          # write README.md
+    python tools/make_readme.py --check  # exit 1 if README.md is not what the notebook makes
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _source(cell: dict) -> str:
+    src = cell['source']
+    return ''.join(src) if isinstance(src, list) else src
+
+
+def render(notebook: Path) -> str:
+    parts = []
+    for cell in json.loads(notebook.read_text(encoding='utf-8'))['cells']:
+        text = _source(cell)
+        lines = text.splitlines()
+        directives = [l.strip() for l in lines if l.startswith('#|')]
+        if any(d.replace(' ', '') in ('#|hide', '#|exporti') for d in directives): continue
+        body = '\n'.join(l for l in lines if not l.startswith('#|')).strip()
+        if not body: continue
+        if cell['cell_type'] == 'markdown':
+            parts.append(body)
+            continue
+        parts.append(f'```python\n{body}\n```')
+        for output in cell.get('outputs', []):
+            data = output.get('data', {}).get('text/plain') or output.get('text')
+            if data: parts.append('```\n' + (''.join(data) if isinstance(data, list) else data).rstrip() + '\n```')
+    return '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n' + '\n\n'.join(parts) + '\n'
+
+
+def main() -> int:
+    readme, text = ROOT / 'README.md', render(ROOT / 'nbs' / 'index.ipynb')
+    if '--check' in sys.argv:
+        if not readme.exists() or readme.read_text(encoding='utf-8') != text:
+            print('README.md is not what nbs/index.ipynb makes: run python tools/make_readme.py')
+            return 1
+        return 0
+    readme.write_text(text, encoding='utf-8')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
