@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #8292ff66
+# %% ../nbs/99_all.ipynb #5c8a9359
 from .weights import *
 from .encoders import *
 from .layers import *

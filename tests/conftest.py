@@ -1,0 +1,45 @@
+"Shared fixtures: small generated data sets and their fastai DataLoaders."
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use('Agg')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')   # nothing is downloaded here; fail fast instead of retrying
+
+from fastai.vision.all import PILImage, PILImageBW, SegmentationDataLoaders, get_image_files, set_seed  # noqa: E402
+
+from fastunet.data import MaskFromFolder, PILImageRGBA, make_synthetic_dataset  # noqa: E402
+
+IMAGE_CLASSES = {1: PILImageBW, 3: PILImage, 4: PILImageRGBA}
+ISBI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'isbi2012'
+
+
+def make_dls(path: Path, n_channels: int = 1, n_classes: int = 2, bs: int = 4, label_func=None, **kwargs):
+    "SegmentationDataLoaders over a folder written by `make_synthetic_dataset`."
+    set_seed(0)
+    return SegmentationDataLoaders.from_label_func(
+        path, get_image_files(path / 'images'), label_func or MaskFromFolder(), codes=[f'c{i}' for i in range(n_classes)],
+        img_cls=IMAGE_CLASSES[n_channels], bs=bs, num_workers=0, seed=0, **kwargs)
+
+
+@pytest.fixture(scope='session')
+def data_factory(tmp_path_factory):
+    "Make (and cache) a synthetic data set: data_factory(n_channels, n_classes, size, n_images)."
+    cache = {}
+    def make(n_channels: int = 1, n_classes: int = 2, size=(101, 101), n_images: int = 12):
+        key = (n_channels, n_classes, tuple(size), n_images)
+        if key not in cache:
+            dest = tmp_path_factory.mktemp(f'synthetic_{n_channels}ch_{n_classes}cls')
+            cache[key] = make_synthetic_dataset(dest, n_images=n_images, size=tuple(size), n_classes=n_classes,
+                                                n_channels=n_channels, seed=len(cache))
+        return cache[key]
+    return make
+
+
+@pytest.fixture(scope='session')
+def gray_dls(data_factory):
+    return make_dls(data_factory(1, 2))
