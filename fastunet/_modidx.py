@@ -100,6 +100,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastunet.model.UnetConfig.__post_init__': ('model.html#unetconfig.__post_init__', 'fastunet/model.py'),
                                 'fastunet.model.UnetConfig.as_dict': ('model.html#unetconfig.as_dict', 'fastunet/model.py'),
                                 'fastunet.model.UnetConfig.blog': ('model.html#unetconfig.blog', 'fastunet/model.py'),
+                                'fastunet.model._scaled_size': ('model.html#_scaled_size', 'fastunet/model.py'),
                                 'fastunet.model.plan_decoder': ('model.html#plan_decoder', 'fastunet/model.py')},
             'fastunet.weights': { 'fastunet.weights.PretrainedWeightsUnavailable': ( 'weights.html#pretrainedweightsunavailable',
                                                                                      'fastunet/weights.py'),

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #5c8a9359
+# %% ../nbs/99_all.ipynb #73a6f50f
 from .weights import *
 from .encoders import *
 from .layers import *
