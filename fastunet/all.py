@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #73a6f50f
+# %% ../nbs/99_all.ipynb #227b0165
 from .weights import *
 from .encoders import *
 from .layers import *

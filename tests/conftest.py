@@ -43,3 +43,5 @@ def data_factory(tmp_path_factory):
 @pytest.fixture(scope='session')
 def gray_dls(data_factory):
     return make_dls(data_factory(1, 2))
+
+collect_ignore = ['benchmarks']   # benchmarks are run by hand, never collected as tests

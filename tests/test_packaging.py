@@ -1,0 +1,76 @@
+"""The repository's promises: the package is what nbdev-export makes of the notebooks, the README is what
+the index notebook makes, CI runs the README's test command, and the `fastunet` command does real work."""
+from __future__ import annotations
+
+import filecmp
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastai.learner import load_learner
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_COMMAND = 'pip install -c .ci/constraints.txt -e ".[dev]" && nbdev-test && pytest'
+
+
+def git_files() -> list[str]:
+    if not (ROOT / '.git').exists() or shutil.which('git') is None: pytest.skip('not a git checkout')
+    return subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_nbdev_export_on_a_clean_checkout_changes_nothing(tmp_path):
+    for name in git_files():
+        if (ROOT / name).is_file():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tmp_path / name)
+    exporter = Path(sys.executable).parent / 'nbdev-export'
+    subprocess.run([str(exporter)], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    generated = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / 'fastunet').glob('*.py'))
+    committed = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / 'fastunet').glob('*.py'))
+    assert generated == committed
+    changed = [name for name in generated if not filecmp.cmp(tmp_path / name, ROOT / name, shallow=False)]
+    assert changed == [], f'edit the notebooks, run nbdev-export and commit both: {changed}'
+
+
+def test_readme_is_made_from_the_index_notebook():
+    result = subprocess.run([sys.executable, 'tools/make_readme.py', '--check'], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme, ci = (ROOT / 'README.md').read_text(), (ROOT / '.ci' / 'run').read_text()
+    assert TEST_COMMAND in readme and TEST_COMMAND in ci
+    assert 'fastunet demo' in readme
+    pins = (ROOT / '.ci' / 'constraints.txt').read_text()
+    assert 'torch==2.14.1' in pins and 'torchvision==0.29.1' in pins
+
+
+def fastunet_command() -> str:
+    command = Path(sys.executable).parent / 'fastunet'
+    if not command.exists(): pytest.skip('the fastunet console script is not installed (pip install -e .)')
+    return str(command)
+
+
+def test_cli_help():
+    out = subprocess.run([fastunet_command(), '--help'], capture_output=True, text=True).stdout
+    assert 'demo' in out
+    out = subprocess.run([fastunet_command(), 'demo', '--help'], capture_output=True, text=True).stdout
+    assert '--epochs' in out and '--arch' in out
+    result = subprocess.run([fastunet_command(), 'nonsense'], capture_output=True, text=True)
+    assert result.returncode == 2
+
+
+def test_demo_trains_reports_and_exports(tmp_path):
+    result = subprocess.run([fastunet_command(), 'demo', '--dest', str(tmp_path), '--n-images', '20', '--epochs', '1',
+                             '--size', '64', '--bs', '4'], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r'Dice (\d\.\d+), IoU (\d\.\d+)', result.stdout)
+    assert match, result.stdout[-2000:]
+    assert (tmp_path / 'history.csv').read_text().count('\n') == 2     # header + one epoch
+    learn = load_learner(tmp_path / 'model.pkl')
+    image = sorted((tmp_path / 'data' / 'images').glob('*.png'))[0]
+    mask, _, probs = learn.predict(image)
+    assert mask.shape == (64, 64) and probs.shape == (2, 64, 64)
