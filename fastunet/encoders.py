@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node, symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 from timm.models import adapt_input_conv
@@ -99,7 +100,10 @@ class TimmEncoder(Encoder):
             path = Path(weights)
             if not path.is_file(): raise FileNotFoundError(f"weights file '{path}' does not exist")
             kwargs['pretrained_cfg_overlay'] = dict(file=str(path))
-        try: self.model = _create_timm_features(name, **kwargs)
+        try:
+            self.model = _create_timm_features(name, **kwargs)
+            if not _is_hook_free(self.model):   # a few families default to hooks; their getter needs none
+                self.model = _create_timm_features(name, feature_cls='getter', **kwargs)
         except Exception as e:
             if weights is not None:
                 raise ValueError(f"could not load weights '{weights}' into timm model '{name}': {e}. The file must hold "
@@ -114,14 +118,25 @@ class TimmEncoder(Encoder):
         info = self.model.feature_info
         self.channels, self.reductions = list(info.channels()), [int(r) for r in info.reduction()]
         self.channels_last_output = str(getattr(self.model, 'output_fmt', 'NCHW')).endswith('NHWC')
-        self.size_divisor = find_size_divisor(self.model, n_in, max(self.reductions))
         cfg = getattr(self.model, 'pretrained_cfg', None) or {}
+        self.native_size = None
+        try: self.size_divisor = find_size_divisor(self.model, n_in, max(self.reductions))
+        except ValueError:
+            native = tuple(cfg.get('input_size', (n_in, 224, 224))[1:])
+            if not _runs_at(self.model, n_in, native):
+                raise ValueError(f"timm model '{name}' accepts neither padded inputs nor its own input size {native}") from None
+            self.native_size, self.size_divisor = native, max(self.reductions)
         stats = (cfg.get('mean', IMAGENET_STATS[0]), cfg.get('std', IMAGENET_STATS[1]))
         self.stats, self.name = adapt_stats(stats, n_in), f'timm:{name}'
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = self.model(x)
+        if self.native_size is None: features = self.model(x)
+        else: features = self.model(F.interpolate(x, size=self.native_size, mode='bilinear', align_corners=False))
         if self.channels_last_output: features = [f.permute(0, 3, 1, 2) for f in features]
+        if self.native_size is not None:   # back to the strides the decoder expects for this input
+            height, width = x.shape[-2:]
+            features = [F.interpolate(f, size=(height // r, width // r), mode='bilinear', align_corners=False)
+                        for f, r in zip(features, self.reductions)]
         return list(features)
 
 # %% ../nbs/01_encoders.ipynb #e600a8b8

@@ -1,7 +1,7 @@
 """How many of timm's models build a working MoreDynamicUnet at 101×101?
 
 For every name in `timm.list_models()`: build the U-Net (pretrained=False, 3 channels in, 2 out), run a
-forward pass on a 1×3×101×101 batch, check the output is 1×2×101×101 and finite, and run a backward pass.
+forward pass on a 2×3×101×101 batch (2: BatchNorm in squeeze-excite blocks needs it), check the output is 2×2×101×101 and finite, and run a backward pass.
 Models above `--real-limit` parameters are checked on PyTorch's 'meta' device instead (shapes and autograd
 without arithmetic: a 1B-parameter ViT would take minutes and gigabytes on a laptop CPU); their status is
 'ok_meta'. Writes one JSON line per model (an interrupted run keeps what it measured, and a rerun resumes).
@@ -40,8 +40,8 @@ def check(name: str, size: int = 101, real_limit: int = 60_000_000) -> dict:
         kind = 'no_features' if 'features_only' in str(e) or 'feature pyramid' in str(e) else 'build_error'
         return dict(model=name, status=kind, error=f'{type(e).__name__}: {str(e)[:300]}', seconds=round(time.time() - start, 1))
     try:
-        out = model(torch.randn(1, 3, size, size, device=device))
-        assert out.shape == (1, 2, size, size), f'output shape {tuple(out.shape)}'
+        out = model(torch.randn(2, 3, size, size, device=device))
+        assert out.shape == (2, 2, size, size), f'output shape {tuple(out.shape)}'
         if device == 'cpu': assert torch.isfinite(out).all(), 'non-finite output'
         out.mean().backward()
         status, error = ('ok' if device == 'cpu' else 'ok_meta'), ''
