@@ -19,6 +19,8 @@ TIMM_FAMILIES = [
     'resnet10t', 'resnext26ts', 'seresnext26d_32x4d', 'efficientnet_b0', 'mobilenetv3_small_050', 'regnetx_002',
     'convnext_atto', 'swin_tiny_patch4_window7_224', 'densenet121', 'hrnet_w18_small', 'vit_tiny_patch16_224',
     'test_vit', 'test_maxvit', 'test_nfnet', 'test_byobnet', 'test_efficientnet', 'vit_small_patch14_dinov2',
+    'levit_128s',    # attention tables for 224×224 only: resampled to its native size and back
+    'pit_ti_224',    # timm extracts its features with hooks by default: built with the hook-free getter
 ]
 PRETRAINEDMODELS = ['resnet18', 'bninception', 'inceptionv4', 'alexnet', 'densenet121', 'squeezenet1_1', 'vgg11_bn',
                     'dpn68', 'xception', 'se_resnext50_32x4d', 'cafferesnet101']
