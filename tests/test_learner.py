@@ -191,3 +191,12 @@ def test_mask_size_mismatch_is_refused(data_factory):
     dls = make_dls(path, label_func=small_mask)
     with pytest.raises(ValueError, match='masks are .* but images are'):
         more_dynamic_unet_learner(dls, 'resnet10t', pretrained=False)
+
+
+def test_fine_tune_freezes_then_unfreezes(gray_dls, tmp_path):
+    _, path = timm_weights_file(tmp_path)
+    learn = more_dynamic_unet_learner(gray_dls, 'resnet10t', weights=path)
+    before = encoder_conv_weights(learn)
+    learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1)
+    assert all(p.requires_grad for p in learn.model.encoder.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in encoder_conv_weights(learn).items())
