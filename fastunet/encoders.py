@@ -67,13 +67,18 @@ def _runs_at(model: nn.Module, n_in: int, size: tuple[int, int]) -> bool:
     "Does `model` accept a (1, n_in, *size) input? Checked on fake tensors, in eval mode, without arithmetic."
     device = next(model.parameters()).device
     training = model.training
+    attributes = [(m, dict(vars(m))) for m in model.modules()]   # some forwards cache tensors on themselves (ConViT)
     model.eval()
     try:
         with _quiet_fake_tensors() as mode, torch.no_grad():
             model(mode.from_tensor(torch.zeros(1, n_in, *size, device=device)))
         return True
     except Exception: return False
-    finally: model.train(training)
+    finally:
+        for module, saved in attributes:   # leave no fake tensor behind
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        model.train(training)
 
 def find_size_divisor(model: nn.Module, n_in: int, base: int, max_multiple: int = 8) -> int:
     "The smallest multiple of `base` (the deepest stride) such that inputs of that multiple work (MaxViT needs stride × window)."
