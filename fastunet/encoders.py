@@ -67,7 +67,7 @@ def _runs_at(model: nn.Module, n_in: int, size: tuple[int, int]) -> bool:
     "Does `model` accept a (1, n_in, *size) input? Checked on fake tensors, in eval mode, without arithmetic."
     device = next(model.parameters()).device
     training = model.training
-    attributes = [(m, dict(vars(m))) for m in model.modules()]   # some forwards cache tensors on themselves (ConViT)
+    attributes = [(m, dict(vars(m)), dict(m._buffers)) for m in model.modules()]   # some forwards cache tensors (ConViT)
     model.eval()
     try:
         with _quiet_fake_tensors() as mode, torch.no_grad():
@@ -75,9 +75,11 @@ def _runs_at(model: nn.Module, n_in: int, size: tuple[int, int]) -> bool:
         return True
     except Exception: return False
     finally:
-        for module, saved in attributes:   # leave no fake tensor behind
+        for module, saved, buffers in attributes:   # leave no fake tensor behind
             module.__dict__.clear()
             module.__dict__.update(saved)
+            module._buffers.clear()
+            module._buffers.update(buffers)
         model.train(training)
 
 def find_size_divisor(model: nn.Module, n_in: int, base: int, max_multiple: int = 8) -> int:
