@@ -12,7 +12,9 @@ from .layers import *
 from .model import *
 from .data import *
 from .learner import *
-from . import weights, encoders, layers, model, data, learner
+from .losses import *
+from .metrics import *
+from . import weights, encoders, layers, model, data, learner, losses, metrics
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
 __all__ = [name for module in (weights, encoders, layers, model, data, learner) for name in module.__all__]
