@@ -17,4 +17,4 @@ from .metrics import *
 from . import weights, encoders, layers, model, data, learner, losses, metrics
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, encoders, layers, model, data, learner) for name in module.__all__]
+__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics) for name in module.__all__]
