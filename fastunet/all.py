@@ -14,7 +14,11 @@ from .data import *
 from .learner import *
 from .losses import *
 from .metrics import *
-from . import weights, encoders, layers, model, data, learner, losses, metrics
+from .tta import *
+from .folds import *
+from .submission import *
+from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics) for name in module.__all__]
+__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission)
+           for name in module.__all__]
