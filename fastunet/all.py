@@ -17,8 +17,10 @@ from .metrics import *
 from .tta import *
 from .folds import *
 from .submission import *
-from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission
+from .kfold import *
+from .ensemble import *
+from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission)
+__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble)
            for name in module.__all__]
