@@ -3,6 +3,7 @@ the index notebook makes, CI runs the README's test command, and the `fastunet` 
 from __future__ import annotations
 
 import filecmp
+import json
 import re
 import shutil
 import subprocess
@@ -10,7 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastai.learner import load_learner
+
+from fastunet.submission import rle_decode
+
+from conftest import ISBI
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_COMMAND = 'pip install -c .ci/constraints.txt -e ".[dev]" && nbdev-test && pytest'
@@ -56,21 +60,43 @@ def fastunet_command() -> str:
 
 def test_cli_help():
     out = subprocess.run([fastunet_command(), '--help'], capture_output=True, text=True).stdout
-    assert 'demo' in out
+    assert 'demo' in out and 'train' in out and 'predict' in out
     out = subprocess.run([fastunet_command(), 'demo', '--help'], capture_output=True, text=True).stdout
-    assert '--epochs' in out and '--arch' in out
+    assert '--epochs' in out and '--arch' in out and '--folds' in out
+    out = subprocess.run([fastunet_command(), 'train', '--help'], capture_output=True, text=True).stdout
+    assert '--binary-masks' in out and '--fold' in out
     result = subprocess.run([fastunet_command(), 'nonsense'], capture_output=True, text=True)
     assert result.returncode == 2
 
 
-def test_demo_trains_reports_and_exports(tmp_path):
-    result = subprocess.run([fastunet_command(), 'demo', '--dest', str(tmp_path), '--n-images', '20', '--epochs', '1',
-                             '--size', '64', '--bs', '4'], capture_output=True, text=True, timeout=600)
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    result = subprocess.run([fastunet_command(), 'demo', '--dest', str(tmp_path), '--n-images', '24', '--n-test', '7',
+                             '--folds', '2', '--epochs', '1', '--size', '64', '--bs', '4'], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    match = re.search(r'Dice (\d\.\d+), IoU (\d\.\d+)', result.stdout)
-    assert match, result.stdout[-2000:]
-    assert (tmp_path / 'history.csv').read_text().count('\n') == 2     # header + one epoch
-    learn = load_learner(tmp_path / 'model.pkl')
-    image = sorted((tmp_path / 'data' / 'images').glob('*.png'))[0]
-    mask, _, probs = learn.predict(image)
-    assert mask.shape == (64, 64) and probs.shape == (2, 64, 64)
+    assert re.search(r'test TGS metric: \d\.\d+ without TTA, \d\.\d+ with flip TTA', result.stdout), result.stdout[-2000:]
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert len(report['cv']) == 2 and 0 <= report['oof_tgs'] <= 1 and 0 <= report['test_tgs_with_tta'] <= 1
+    rows = (tmp_path / 'submission.csv').read_text().splitlines()
+    assert rows[0] == 'id,rle_mask' and len(rows) == 8
+    for row in rows[1:]:
+        assert rle_decode(row.split(',')[1], (64, 64)).shape == (64, 64)
+    assert (tmp_path / 'predictions.png').read_bytes()[:4] == b'\x89PNG'
+    assert sorted(p.name for p in (tmp_path / 'models').glob('fold_*.json')) == ['fold_0.json', 'fold_1.json']
+    assert not list(tmp_path.rglob('*.tmp')), 'temporary files left behind'
+
+
+@pytest.mark.skipif(not ISBI.exists(), reason=f'ISBI 2012 data not found at {ISBI}')
+def test_train_and_predict_on_isbi(tmp_path):
+    result = subprocess.run([fastunet_command(), 'train', str(ISBI), '--out', str(tmp_path), '--arch', 'resnet10t', '--folds', '2',
+                             '--epochs', '1', '--crop', '128', '--bs', '4', '--mask-folder', 'labels', '--binary-masks'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads((tmp_path / 'report.json').read_text())['cv']) == 2
+    out = tmp_path / 'submission.csv'
+    result = subprocess.run([fastunet_command(), 'predict', str(tmp_path / 'models'), str(ISBI / 'images'), '--out', str(out),
+                             '--threshold', '0.5'], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 30
+    assert rle_decode(rows[0].split(',')[1], (512, 512)).shape == (512, 512)
