@@ -20,7 +20,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'fastunet.data._textured_image': ('data.html#_textured_image', 'fastunet/data.py'),
                                'fastunet.data.make_synthetic_dataset': ('data.html#make_synthetic_dataset', 'fastunet/data.py')},
             'fastunet.encoders': { 'fastunet.encoders.Encoder': ('encoders.html#encoder', 'fastunet/encoders.py'),
-                                   'fastunet.encoders.Encoder.describe': ('encoders.html#encoder.describe', 'fastunet/encoders.py'),
                                    'fastunet.encoders.TimmEncoder': ('encoders.html#timmencoder', 'fastunet/encoders.py'),
                                    'fastunet.encoders.TimmEncoder.__init__': ('encoders.html#timmencoder.__init__', 'fastunet/encoders.py'),
                                    'fastunet.encoders.TimmEncoder.forward': ('encoders.html#timmencoder.forward', 'fastunet/encoders.py'),

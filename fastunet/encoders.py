@@ -45,9 +45,6 @@ class Encoder(nn.Module):
     stats: tuple[list[float], list[float]] = IMAGENET_STATS
     name: str = ''
 
-    def describe(self) -> str:
-        return ', '.join(f'{c}ch/{r}' for c, r in zip(self.channels, self.reductions))
-
 # %% ../nbs/01_encoders.ipynb #ed09543d
 def _is_hook_free(module: nn.Module) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
