@@ -93,10 +93,12 @@ def test_train_and_predict_on_isbi(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(json.loads((tmp_path / 'report.json').read_text())['cv']) == 2
-    out = tmp_path / 'submission.csv'
-    result = subprocess.run([fastunet_command(), 'predict', str(tmp_path / 'models'), str(ISBI / 'images'), '--out', str(out),
+    out, test_images = tmp_path / 'submission.csv', tmp_path / 'test_images'
+    test_images.mkdir()
+    for image in sorted((ISBI / 'images').glob('*.png'))[:4]: (test_images / image.name).symlink_to(image)   # a few keep it fast
+    result = subprocess.run([fastunet_command(), 'predict', str(tmp_path / 'models'), str(test_images), '--out', str(out),
                              '--threshold', '0.5'], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = out.read_text().splitlines()[1:]
-    assert len(rows) == 30
+    assert [row.split(',')[0] for row in rows] == ['00', '01', '02', '03']
     assert rle_decode(rows[0].split(',')[1], (512, 512)).shape == (512, 512)
