@@ -19,8 +19,9 @@ from .folds import *
 from .submission import *
 from .kfold import *
 from .ensemble import *
-from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble
+from .files import *
+from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble)
+__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files)
            for name in module.__all__]

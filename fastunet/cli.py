@@ -26,7 +26,8 @@ from fastai.vision.data import ImageBlock, MaskBlock
 from .data import MaskFromFolder, PILImageRGBA, make_synthetic_dataset
 from .ensemble import FoldEnsemble
 from .folds import coverage_bins, make_folds, mask_coverage
-from .kfold import atomic_write, out_of_fold, train_folds
+from .files import atomic_write
+from .kfold import out_of_fold, train_folds
 from .losses import BCELovaszLoss
 from .metrics import BinaryIoU, TGSMetric, tgs_scores
 from .submission import apply_threshold, rle_encode, search_threshold, write_submission

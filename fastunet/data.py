@@ -6,7 +6,6 @@ tests, examples and the demo: no download needed."""
 # %% ../nbs/04_data.ipynb #ef577319
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 

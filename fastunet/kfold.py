@@ -8,43 +8,26 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle and fine_tune onto Learner)
 from fastai.callback.tracker import TrackerCallback
 from fastai.data.block import DataBlock
 from fastai.data.transforms import IndexSplitter, Normalize
-from fastai.learner import Learner
 
 import fastunet
+from .files import atomic_write
 from .learner import more_dynamic_unet_learner
 
 # %% auto #0
-__all__ = ['atomic_write', 'arch_name', 'resolve_arch', 'KeepBestEpoch', 'fold_paths', 'train_folds', 'cv_table', 'out_of_fold']
+__all__ = ['arch_name', 'resolve_arch', 'KeepBestEpoch', 'fold_paths', 'train_folds', 'cv_table', 'out_of_fold']
 
 # %% ../nbs/12_kfold.ipynb #c20a3867
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    "Call `write(temporary_path)` in `path`'s folder, then rename the temporary file to `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
 def arch_name(arch) -> str:
     "A string that `resolve_arch` turns back into `arch`: a timm/pretrainedmodels name as is, a callable by import path."
     if isinstance(arch, str): return arch

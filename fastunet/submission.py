@@ -7,13 +7,13 @@ submission file written atomically."""
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Callable
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 # %% auto #0
 __all__ = ['rle_encode', 'rle_decode', 'apply_threshold', 'search_threshold', 'write_submission']
@@ -62,16 +62,9 @@ def search_threshold(probs: torch.Tensor, truths: torch.Tensor, score: Callable[
 def write_submission(rows: Iterable[tuple[str, str]], path: str | Path = 'submission.csv',
                      header: tuple[str, str] = ('id', 'rle_mask')) -> Path:
     "Write (id, rle) rows to `path` atomically: a temporary file in the same folder, renamed when complete."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(handle, 'w', newline='') as f:
+    def write(temporary: Path):
+        with open(temporary, 'w', newline='') as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for image_id, rle in rows: writer.writerow((image_id, rle))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write)

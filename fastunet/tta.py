@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from fastcore.basics import ifnone, noop
 from fastcore.meta import delegates
 from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torchvision.models as tvm
-from fastai.vision.all import PILImage, PILImageBW, PILMask, load_learner, resnet34
+from fastai.vision.all import PILMask, load_learner, resnet34
 from safetensors.torch import save_file
 
 from fastunet.data import MaskFromFolder
@@ -185,7 +184,6 @@ def test_channel_mismatch_is_refused(gray_dls):
 
 
 def test_mask_size_mismatch_is_refused(data_factory):
-    from fastai.vision.all import Resize
     path = data_factory(1, 2)
     def small_mask(image_path): return PILMask.create(np.array(PILMask.create(MaskFromFolder().path(image_path)))[:50, :50])
     dls = make_dls(path, label_func=small_mask)
