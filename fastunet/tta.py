@@ -39,7 +39,7 @@ def hflip_tta(learn: Learner, dl: DataLoader | None = None, with_targets: bool =
     finally: model.train(was_training)
     return torch.cat(probabilities), (torch.cat(targets) if targets else None)
 
-@patch
+@patch   # fastcore's patch leaves the module's `hflip_tta` bound to the function above
 @delegates(hflip_tta)
 def hflip_tta(self: Learner, dl: DataLoader | None = None, **kwargs):
     "`hflip_tta(learn, dl)` as a method: `learn.hflip_tta()`."
