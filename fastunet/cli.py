@@ -74,7 +74,8 @@ def run_training(data: Path, out: Path, arch: str, n_folds: int, epochs: int, lr
                      learner_kwargs=dict(n_out=1, pretrained=pretrained, loss_func=BCELovaszLoss(),
                                          metrics=[TGSMetric(), BinaryIoU()]))
     report = dict(cv=cv.to_dict(orient='records'))
-    if len(cv) == df.fold.nunique() and crop is None:        # every fold done: choose the threshold on all OOF predictions
+    # every fold done (and OOF predictions at full size, not crops): choose the threshold on all of them
+    if len(cv) == df.fold.nunique() and crop is None:
         oof = torch.from_numpy(out_of_fold(out / 'models', len(df)).astype(np.float32))[:, 0]
         truths = torch.stack([torch.from_numpy(read_mask(mask_of, p)) for p in df['item']])
         threshold, min_area, score = search_threshold(oof, truths, tgs_scores, min_areas=(0, 10, 25, 50))
