@@ -102,7 +102,7 @@ def train_folds(dblock: DataBlock, df: pd.DataFrame, arch, out_dir: str | Path, 
         record = dict(fold=fold, n_folds=len(all_folds), arch=arch_name(arch), n_in=model.n_in, n_out=model.n_out,
                       config=model.config.as_dict(), normalize=_normalize_stats(dls), monitor=monitor,
                       score=float(keep_best.best), best_epoch=keep_best.best_epoch,
-                      epochs=epochs, lr=lr, fine_tune=fine_tune, n_valid=len(valid_idx), valid_index=valid_idx.tolist(),
+                      epochs=epochs, lr=lr, fine_tune=fine_tune, valid_index=valid_idx.tolist(),
                       seconds=round(time.time() - start, 1), versions=_versions())
         atomic_write(paths['record'], lambda p: p.write_text(json.dumps(record, indent=1)))
     return cv_table(out_dir)

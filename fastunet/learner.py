@@ -40,7 +40,7 @@ def check_segmentation_batch(x: torch.Tensor, y: torch.Tensor, n_in: int | None,
     if y.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"masks are {tuple(y.shape[-2:])} but images are {tuple(x.shape[-2:])}: resize both with the "
                          f"same item_tfms (e.g. Resize) so that every pixel has a label")
-    if y.is_floating_point() and not isinstance(y, torch.LongTensor) and y.ndim == 4: return   # soft targets
+    if y.is_floating_point() and y.ndim == 4: return   # soft targets (B, C, H, W): no class codes to check
     values = sorted(int(v) for v in torch.unique(y))
     allowed_max = max(n_out - 1, 1)      # one logit means a binary target: 0 or 1
     ignore = _ignore_index(loss_func)
