@@ -20,8 +20,10 @@ from .submission import *
 from .kfold import *
 from .ensemble import *
 from .files import *
-from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files
+from .distributed import *
+from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files, distributed
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files)
+__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files,
+                              distributed)
            for name in module.__all__]

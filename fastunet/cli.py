@@ -24,6 +24,7 @@ from fastai.vision.core import PILImage, PILImageBW
 from fastai.vision.data import ImageBlock, MaskBlock
 
 from .data import MaskFromFolder, PILImageRGBA, make_synthetic_dataset
+from .distributed import barrier, is_main_process
 from .ensemble import FoldEnsemble
 from .folds import coverage_bins, make_folds, mask_coverage
 from .files import atomic_write
@@ -62,12 +63,13 @@ def run_training(data: Path, out: Path, arch: str, n_folds: int, epochs: int, lr
     if not images: raise FileNotFoundError(f"no images in '{data / 'images'}'")
     mask_of = MaskFromFolder(mask_folder, binary=binary_masks)
     folds_csv = out / 'folds.csv'
-    if folds_csv.exists(): df = pd.read_csv(folds_csv)
-    else:
+    if not folds_csv.exists() and is_main_process():    # seeded: concurrent --fold processes write the same file
         coverage = mask_coverage([mask_of.path(p) for p in images])
-        df = make_folds([str(p) for p in images], n_folds=n_folds, seed=seed, stratify=coverage_bins(coverage))
+        folds_df = make_folds([str(p) for p in images], n_folds=n_folds, seed=seed, stratify=coverage_bins(coverage))
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(folds_csv, lambda p: df.to_csv(p, index=False))
+        atomic_write(folds_csv, lambda p: folds_df.to_csv(p, index=False))
+    barrier()                                            # under torchrun, the other ranks read rank 0's folds
+    df = pd.read_csv(folds_csv)
     dblock = segmentation_block(_image_channels(images[0]), mask_folder, binary_masks, crop)
     cv = train_folds(dblock, df, arch, out / 'models', epochs=epochs, lr=lr, bs=bs, monitor='tgs_metric',
                      folds=None if fold is None else [fold], dls_kwargs=dict(num_workers=0, seed=seed),
@@ -75,7 +77,7 @@ def run_training(data: Path, out: Path, arch: str, n_folds: int, epochs: int, lr
                                          metrics=[TGSMetric(), BinaryIoU()]))
     report = dict(cv=cv.to_dict(orient='records'))
     # every fold done (and OOF predictions at full size, not crops): choose the threshold on all of them
-    if len(cv) == df.fold.nunique() and crop is None:
+    if len(cv) == df.fold.nunique() and crop is None and is_main_process():
         oof = torch.from_numpy(out_of_fold(out / 'models', len(df)).astype(np.float32))[:, 0]
         truths = torch.stack([torch.from_numpy(read_mask(mask_of, p)) for p in df['item']])
         threshold, min_area, score = search_threshold(oof, truths, tgs_scores, min_areas=(0, 10, 25, 50))
@@ -163,11 +165,13 @@ def train(data: str,                    # folder with images/ and the mask folde
           binary_masks: bool = False,   # masks are 0/255 images: read any non-zero value as foreground
           pretrained: bool = False,     # start from the encoder's pretrained weights (needs the network)
           seed: int = 42):              # folds and training seed
-    "Train (or resume) k folds on a folder of images and masks."
+    """Train (or resume) k folds on a folder of images and masks. Under `torchrun` / `accelerate launch`
+    each fold trains data-parallel (DDP); with --fold K, folds spread over processes, GPUs or array jobs."""
     out = Path(out)
     report = run_training(Path(data), out, arch, folds, epochs, lr, bs, seed, mask_folder, binary_masks, crop, fold, pretrained)
-    atomic_write(out / 'report.json', lambda p: p.write_text(json.dumps(report, indent=1)))
-    print(pd.DataFrame(report['cv']).to_string(index=False))
+    if is_main_process():
+        atomic_write(out / 'report.json', lambda p: p.write_text(json.dumps(report, indent=1)))
+        print(pd.DataFrame(report['cv']).to_string(index=False))
     return report
 
 @call_parse

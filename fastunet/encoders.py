@@ -45,6 +45,10 @@ class Encoder(nn.Module):
     stats: tuple[list[float], list[float]] = IMAGENET_STATS
     name: str = ''
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        "Recompute activations stage by stage in the backward pass, where the backbone can; returns whether it can."
+        return False
+
 # %% ../nbs/01_encoders.ipynb #ed09543d
 def _is_hook_free(module: nn.Module) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
@@ -132,6 +136,13 @@ class TimmEncoder(Encoder):
             self.native_size, self.size_divisor = native, max(self.reductions)
         stats = (cfg.get('mean', IMAGENET_STATS[0]), cfg.get('std', IMAGENET_STATS[1]))
         self.stats, self.name = adapt_stats(stats, n_in), f'timm:{name}'
+
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        "timm's own per-stage checkpointing (`features_only` networks and most families have it)."
+        if not hasattr(self.model, 'set_grad_checkpointing'): return False
+        try: self.model.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError, AttributeError): return False
+        return True
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.native_size is None: features = self.model(x)

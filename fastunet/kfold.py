@@ -22,6 +22,7 @@ from fastai.data.transforms import IndexSplitter, Normalize
 
 import fastunet
 from .files import atomic_write
+from .distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from .learner import more_dynamic_unet_learner
 
 # %% auto #0
@@ -52,9 +53,10 @@ class KeepBestEpoch(TrackerCallback):
         super().after_epoch()
         if self.new_best:
             self.best_epoch = self.epoch
-            self.best_state = {k: v.detach().to('cpu', copy=True) for k, v in self.learn.model.state_dict().items()}
+            model = unwrap_model(self.learn.model)        # under DDP the learner's model is the wrapper
+            self.best_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
     def after_fit(self):
-        if self.best_state is not None: self.learn.model.load_state_dict(self.best_state)
+        if self.best_state is not None: unwrap_model(self.learn.model).load_state_dict(self.best_state)
 
 # %% ../nbs/12_kfold.ipynb #d5a8dfea
 def fold_paths(out_dir: str | Path, fold: int) -> dict[str, Path]:
@@ -77,7 +79,8 @@ def train_folds(dblock: DataBlock, df: pd.DataFrame, arch, out_dir: str | Path, 
                 folds: Sequence[int] | None = None, monitor: str = 'valid_loss', fine_tune: bool = False,
                 init_dir: str | Path | None = None, bs: int = 16, dls_kwargs: dict | None = None,
                 learner_kwargs: dict | None = None, cbs: list | None = None) -> pd.DataFrame:
-    "Train (or resume) one model per fold of `df.fold`; returns the CV table (one row per fold, from the records)."
+    """Train (or resume) one model per fold of `df.fold`; returns the CV table (one row per fold, from the records).
+    Launched by `torchrun`/`accelerate launch`, each fold trains data-parallel and rank 0 writes its files."""
     if 'fold' not in df.columns: raise ValueError("df needs a 'fold' column: use fastunet.folds.make_folds")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,9 +96,14 @@ def train_folds(dblock: DataBlock, df: pd.DataFrame, arch, out_dir: str | Path, 
             learn.model.load_state_dict(torch.load(fold_paths(init_dir, fold)['weights'], map_location='cpu', weights_only=True))
         keep_best = KeepBestEpoch(monitor=monitor)
         start = time.time()
-        if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
-        else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
-        probs, _ = learn.get_preds(dl=dls.valid)
+        with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
+            if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
+            else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
+            broadcast_state(learn.model)            # every rank holds rank 0's best epoch
+            probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
+        if not is_main_process():                   # rank 0 writes the fold; the others wait for it
+            barrier()
+            continue
         atomic_write(paths['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))
         atomic_write(paths['weights'], lambda p: torch.save(learn.model.state_dict(), p))
         model = learn.model
@@ -105,6 +113,7 @@ def train_folds(dblock: DataBlock, df: pd.DataFrame, arch, out_dir: str | Path, 
                       epochs=epochs, lr=lr, fine_tune=fine_tune, valid_index=valid_idx.tolist(),
                       seconds=round(time.time() - start, 1), versions=_versions())
         atomic_write(paths['record'], lambda p: p.write_text(json.dumps(record, indent=1)))
+        barrier()
     return cv_table(out_dir)
 
 def cv_table(out_dir: str | Path) -> pd.DataFrame:

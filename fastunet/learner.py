@@ -12,16 +12,17 @@ import torch
 import torch.nn as nn
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import Normalize
+from fastai.callback.core import Callback
 from fastai.learner import Learner, defaults
 from fastai.optimizer import Adam
-from fastai.torch_core import params
+from fastai.torch_core import TensorBase, params
 from fastai.vision.learner import get_c
 from fastcore.basics import ifnone, risinstance, store_attr
 
 from .model import MoreDynamicUnet, UnetConfig
 
 # %% auto #0
-__all__ = ['check_segmentation_batch', 'unet_splitter', 'more_dynamic_unet_learner']
+__all__ = ['check_segmentation_batch', 'unet_splitter', 'PlainTensorInput', 'more_dynamic_unet_learner']
 
 # %% ../nbs/05_learner.ipynb #6c0dd6cc
 def _ignore_index(loss_func) -> int | None:
@@ -63,27 +64,34 @@ def _add_normalize(dls: DataLoaders, stats: tuple[list[float], list[float]]) -> 
         dls.add_tfms([Normalize.from_stats(*stats)], 'after_batch')
 
 # %% ../nbs/05_learner.ipynb #e5e503aa
-def _resolve_config(config: UnetConfig | str | None) -> UnetConfig | None:
-    if isinstance(config, str):
-        presets = {'default': UnetConfig, 'blog': UnetConfig.blog}
-        if config not in presets: raise ValueError(f"unknown config preset '{config}': choose one of {list(presets)}")
-        return presets[config]()
-    return config
+class PlainTensorInput(Callback):
+    "Give the model plain `torch.Tensor` inputs (fastai's tensor subclasses confuse `torch.compile`)."
+    order = 1
+    def before_batch(self):
+        self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, TensorBase) else x for x in self.xb)
 
+# %% ../nbs/05_learner.ipynb #f7ad3913
 def more_dynamic_unet_learner(dls: DataLoaders, arch: str | Callable | nn.Module, normalize: bool = True,
                               n_out: int | None = None, pretrained: bool = True, weights: str | Path | None = None,
                               config: UnetConfig | str | None = None, loss_func=None, opt_func=Adam, lr=defaults.lr,
                               splitter=None, cbs=None, metrics=None, path=None, model_dir='models', wd=None,
                               wd_bn_bias=False, train_bn=True, moms=(0.95, 0.85, 0.95), n_in: int | None = None,
-                              check_data: bool = True, **kwargs) -> Learner:
-    "A `Learner` with a `MoreDynamicUnet` on `arch` (a timm or pretrainedmodels name, or a torchvision callable)."
+                              check_data: bool = True, grad_checkpointing: bool = False, compile: bool | dict = False,
+                              **kwargs) -> Learner:
+    """A `Learner` with a `MoreDynamicUnet` on `arch` (a timm or pretrainedmodels name, or a torchvision callable).
+    `grad_checkpointing` trades compute for activation memory; `compile` compiles the model in place
+    (`nn.Module.compile`: a dict is passed on, e.g. `dict(fullgraph=True)`), so saved weights keep their names."""
     n_out = ifnone(n_out, get_c(dls))
     if not n_out: raise ValueError("n_out is not set and cannot be read from the data: pass `codes` to MaskBlock or n_out=")
     x, y = dls.one_batch()[:2]
     if check_data: check_segmentation_batch(x, y, n_in, n_out, ifnone(loss_func, getattr(dls, 'loss_func', None)))
     n_in = x.shape[1]
     model = MoreDynamicUnet(arch, n_out=n_out, n_in=n_in, pretrained=pretrained, weights=weights,
-                            config=_resolve_config(config), **kwargs)
+                            config=config, **kwargs)
+    if grad_checkpointing: model.set_grad_checkpointing()
+    if compile:
+        model.compile(**({} if compile is True else compile))
+        cbs = [*(cbs or []), PlainTensorInput()]
     has_pretrained_weights = pretrained or weights is not None
     if normalize and has_pretrained_weights: _add_normalize(dls, model.encoder.stats)
     learn = Learner(dls=dls, model=model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=ifnone(splitter, unet_splitter),

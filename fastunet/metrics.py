@@ -21,6 +21,11 @@ def foreground_mask(pred: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     if pred.ndim == 4: pred = pred[:, 0]
     return torch.sigmoid(pred.float()) > threshold
 
+def _gathered(learn) -> tuple[torch.Tensor, torch.Tensor]:
+    "The batch's predictions and targets, from every rank under DDP (fastai's `Learner.to_detach` gathers them)."
+    if not hasattr(learn, 'to_detach'): return learn.pred, learn.y      # a bare (pred, y) holder
+    return learn.to_detach(learn.pred, cpu=False), learn.to_detach(learn.y, cpu=False)
+
 def _as_mask(targ: torch.Tensor) -> torch.Tensor:
     targ = targ.as_subclass(torch.Tensor)
     return (targ[:, 0] if targ.ndim == 4 else targ) > 0
@@ -41,7 +46,8 @@ class TGSMetric(Metric):
     def __init__(self, threshold: float = 0.5): self.threshold = threshold
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
-        scores = tgs_scores(foreground_mask(learn.pred, self.threshold), _as_mask(learn.y))
+        pred, truth = _gathered(learn)
+        scores = tgs_scores(foreground_mask(pred, self.threshold), _as_mask(truth))
         self.total += scores.sum().item()
         self.count += len(scores)
     @property
@@ -54,7 +60,8 @@ class _OverlapMetric(Metric):
     def __init__(self, threshold: float = 0.5): self.threshold = threshold
     def reset(self): self.intersection, self.total, self.union = 0., 0., 0.
     def accumulate(self, learn):
-        pred, truth = foreground_mask(learn.pred, self.threshold).flatten(1), _as_mask(learn.y).flatten(1)
+        pred, truth = _gathered(learn)
+        pred, truth = foreground_mask(pred, self.threshold).flatten(1), _as_mask(truth).flatten(1)
         self.intersection += (pred & truth).sum().item()
         self.total += (pred.sum() + truth.sum()).item()
         self.union += (pred | truth).sum().item()

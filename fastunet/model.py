@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .encoders import Encoder, create_encoder
 from .layers import (UPSAMPLE_MODES, AttentionGate, ConvNormAct, ResBlock, SCSE, SelfAttention, Upsample,
@@ -32,7 +34,8 @@ class UnetConfig:
     min_width: int = 16               # no stage narrower than this ('halve', 'eq_skip' extra stages)
     middle_scale: float | None = None # None: no middle block; s: conv c→s·c→c on the deepest features
     middle_attention: bool = False    # self-attention in the middle block
-    upsample: str = 'bilinear'        # 'pixel_shuffle' (ICNR), 'transposed', 'bilinear' or 'nearest'
+    upsample: str = 'nearest'         # 'pixel_shuffle' (ICNR), 'transposed', 'bilinear' or 'nearest'
+    conv_before_upsample: bool = True # stages with no skip (a CNN's stride 2→1) convolve at the lower resolution first
     blur: bool = False                # blur after pixel shuffle (removes checkerboard artefacts)
     attention: str | None = None      # per decoder stage: 'scse', 'self' (stages at stride ≥ 8), or None
     attention_gates: bool = False     # additive attention gates on the skip connections
@@ -52,8 +55,15 @@ class UnetConfig:
     @classmethod
     def blog(cls, **overrides) -> UnetConfig:
         "The blog post's MoreDynamicUnet: widths equal to the skips, pixel shuffle, a middle block of scale 2, final cross."
-        return cls(**{**dict(decoder_widths='eq_skip', upsample='pixel_shuffle', middle_scale=2, last_cross=True,
-                             residual_head=True), **overrides})
+        return cls(**{**dict(decoder_widths='eq_skip', upsample='pixel_shuffle', conv_before_upsample=False, middle_scale=2,
+                             last_cross=True, residual_head=True), **overrides})
+
+    @classmethod
+    def preset(cls, name: str) -> UnetConfig:
+        "A configuration by name: 'default' or 'blog'."
+        presets = {'default': cls, 'blog': cls.blog}
+        if name not in presets: raise ValueError(f"unknown config preset '{name}': choose one of {list(presets)}")
+        return presets[name]()
 
     def as_dict(self) -> dict: return dataclasses.asdict(self)
 
@@ -88,20 +98,25 @@ def plan_decoder(reductions: Sequence[int], channels: Sequence[int], config: Une
 
 # %% ../nbs/03_model.ipynb #7f54bd4b
 class DecoderBlock(nn.Module):
-    "Upsample to the skip's size, (gate and) concatenate the skip, two conv-norm-acts, optional attention."
+    """Upsample to the skip's size, (gate and) concatenate the skip, two conv-norm-acts, optional attention.
+    A stage with no skip and `conv_before_upsample` does its first conv before upsampling: the same depth
+    for a quarter of the full-resolution work and half its saved activations."""
     def __init__(self, in_channels: int, skip_channels: int, stage: DecoderStage, config: UnetConfig):
         super().__init__()
-        self.upsample = Upsample(in_channels, stage.scale, config.upsample, config.blur, config.norm, config.act)
+        early = config.conv_before_upsample and not skip_channels and stage.scale > 1
+        conv = partial(ConvNormAct, norm=config.norm, act=config.act)
+        self.pre = conv(in_channels, stage.width) if early else nn.Identity()
+        self.upsample = Upsample(stage.width if early else in_channels, stage.scale, config.upsample, config.blur, config.norm, config.act)
         up = self.upsample.out_channels
         self.gate = AttentionGate(up, skip_channels, config.norm) if config.attention_gates and skip_channels else None
-        self.convs = nn.Sequential(ConvNormAct(up + skip_channels, stage.width, norm=config.norm, act=config.act),
-                                   ConvNormAct(stage.width, stage.width, norm=config.norm, act=config.act))
+        self.convs = nn.Sequential(conv(up, stage.width)) if early else nn.Sequential(conv(up + skip_channels, stage.width),
+                                                                                    conv(stage.width, stage.width))
         if config.attention == 'scse': self.attention = SCSE(stage.width)
         elif config.attention == 'self' and stage.reduction >= 8: self.attention = SelfAttention(stage.width)
         else: self.attention = nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
-        x = self.upsample(x, size)
+        x = self.upsample(self.pre(x), size)
         if skip is not None:
             if self.gate is not None: skip = self.gate(skip, x)
             x = torch.cat([x, skip], dim=1)
@@ -115,7 +130,7 @@ class MiddleBlock(nn.Sequential):
                          SelfAttention(hidden) if attention else nn.Identity(),
                          ConvNormAct(hidden, channels, norm=config.norm, act=config.act))
 
-# %% ../nbs/03_model.ipynb #d83effe8
+# %% ../nbs/03_model.ipynb #cf89fb90
 def _scaled_size(height, width, reduction: float) -> tuple[int, int]:
     "The feature size at `reduction` of a padded input; integer arithmetic where the stride is whole (traceable)."
     if float(reduction).is_integer(): return height // int(reduction), width // int(reduction)
@@ -124,9 +139,11 @@ def _scaled_size(height, width, reduction: float) -> tuple[int, int]:
 class MoreDynamicUnet(nn.Module):
     "A U-Net on any timm, pretrainedmodels or torchvision encoder; any input size in, the same size out."
     def __init__(self, encoder: Encoder | str | Callable | nn.Module, n_out: int = 1, n_in: int = 3,
-                 pretrained: bool = False, weights: str | Path | None = None, config: UnetConfig | None = None, **options):
+                 pretrained: bool = False, weights: str | Path | None = None, config: UnetConfig | str | None = None,
+                 **options):
         super().__init__()
         if not isinstance(encoder, Encoder): encoder = create_encoder(encoder, n_in=n_in, pretrained=pretrained, weights=weights)
+        if isinstance(config, str): config = UnetConfig.preset(config)
         self.config = dataclasses.replace(config or UnetConfig(), **options)
         self.encoder, self.n_out = encoder, n_out
         config, channels = self.config, encoder.channels
@@ -145,6 +162,18 @@ class MoreDynamicUnet(nn.Module):
         if config.last_cross: head_in += self.n_in
         self.residual = ResBlock(head_in, config.norm, config.act) if config.residual_head else nn.Identity()
         self.head = nn.Conv2d(head_in, n_out, kernel_size=1)
+        self.checkpoint_decoder = self.checkpoint_whole_encoder = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in training: keep only block inputs and recompute the rest in the backward pass.
+        Every decoder block is checkpointed; the encoder stage by stage where timm can, otherwise as one piece
+        (which still frees its activations while the decoder's are alive). About one more forward per step."""
+        self.checkpoint_decoder = enable
+        self.checkpoint_whole_encoder = enable and not self.encoder.set_grad_checkpointing(enable)
+
+    def _run(self, module: nn.Module, checkpointed: bool, *args):
+        if checkpointed and self.training and torch.is_grad_enabled(): return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     @property
     def n_in(self) -> int: return len(self.encoder.stats[0])
@@ -153,13 +182,13 @@ class MoreDynamicUnet(nn.Module):
         if x.shape[1] != self.n_in:
             raise ValueError(f"this MoreDynamicUnet was built for {self.n_in}-channel images but got {x.shape[1]} channels")
         padded, pads = pad_to_multiple(x, self.encoder.size_divisor)
-        features = self.encoder(padded)
+        features = self._run(self.encoder, self.checkpoint_whole_encoder, padded)
         height, width = padded.shape[-2:]
         out, stage_outputs = self.middle(features[-1]), []
         for stage, block in zip(self.stages, self.blocks):
             skip = features[stage.skip_index] if stage.skip_index is not None else None
             size = skip.shape[-2:] if skip is not None else _scaled_size(height, width, stage.reduction)
-            out = block(out, skip, size)
+            out = self._run(block, self.checkpoint_decoder, out, skip, size)
             stage_outputs.append(out)
         if self.config.hypercolumns:
             out = torch.cat([F.interpolate(o, size=(height, width), mode='bilinear', align_corners=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,16 @@ from fastunet.data import MaskFromFolder, PILImageRGBA, make_synthetic_dataset  
 
 IMAGE_CLASSES = {1: PILImageBW, 3: PILImage, 4: PILImageRGBA}
 ISBI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'isbi2012'
+
+
+def console_script(name: str) -> str:
+    "A console script installed beside this Python (`fastunet`, `torchrun`); skip the test where it is missing."
+    command = Path(sys.executable).parent / name
+    if not command.exists(): pytest.skip(f'the {name} console script is not installed (pip install -e .)')
+    return str(command)
+
+
+def fastunet_command() -> str: return console_script('fastunet')
 
 
 def make_dls(path: Path, n_channels: int = 1, n_classes: int = 2, bs: int = 4, label_func=None, **kwargs):

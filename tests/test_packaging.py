@@ -14,7 +14,7 @@ import pytest
 
 from fastunet.submission import rle_decode
 
-from conftest import ISBI
+from conftest import ISBI, fastunet_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_COMMAND = 'pip install -c .ci/constraints.txt -e ".[dev]" && nbdev-test && pytest'
@@ -50,12 +50,6 @@ def test_ci_runs_the_readme_test_command():
     assert 'fastunet demo' in readme
     pins = (ROOT / '.ci' / 'constraints.txt').read_text()
     assert 'torch==2.14.1' in pins and 'torchvision==0.29.1' in pins
-
-
-def fastunet_command() -> str:
-    command = Path(sys.executable).parent / 'fastunet'
-    if not command.exists(): pytest.skip('the fastunet console script is not installed (pip install -e .)')
-    return str(command)
 
 
 def test_cli_help():

@@ -3,6 +3,8 @@
 `nbdev-readme` renders through Quarto, a binary that cannot be installed from the package registries
 this project builds from; this script does the same job for our index notebook: markdown cells as they
 are, code cells as python blocks (with text outputs), `#| hide` cells left out, nbdev directives dropped.
+A markdown line `<!-- include: PATH -->` is replaced by that file (PATH from the repository root): the
+performance section comes from the benchmarks' own output that way, not typed by hand.
 
     python tools/make_readme.py          # write README.md
     python tools/make_readme.py --check  # exit 1 if README.md is not what the notebook makes
@@ -10,15 +12,26 @@ are, code cells as python blocks (with text outputs), `#| hide` cells left out, 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+INCLUDE = re.compile(r'<!-- include: (\S+) -->')
 
 
 def _source(cell: dict) -> str:
     src = cell['source']
     return ''.join(src) if isinstance(src, list) else src
+
+
+def _include(markdown: str) -> str:
+    "Replace `<!-- include: PATH -->` lines with the file's text."
+    lines = []
+    for line in markdown.splitlines():
+        match = INCLUDE.fullmatch(line.strip())
+        lines.append((ROOT / match.group(1)).read_text(encoding='utf-8').strip() if match else line)
+    return '\n'.join(lines)
 
 
 def render(notebook: Path) -> str:
@@ -31,7 +44,7 @@ def render(notebook: Path) -> str:
         body = '\n'.join(l for l in lines if not l.startswith('#|')).strip()
         if not body: continue
         if cell['cell_type'] == 'markdown':
-            parts.append(body)
+            parts.append(_include(body))
             continue
         parts.append(f'```python\n{body}\n```')
         for output in cell.get('outputs', []):

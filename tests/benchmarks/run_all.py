@@ -1,0 +1,131 @@
+"""Every benchmark that sets fastunet beside fastai's `unet_learner` and smp's `Unet`, in one command:
+speed and memory (resnet34 @ 128 batch 8, resnet50 @ 256 batch 4), accuracy on ISBI 2012, and the fold
+ensemble. Prints the tables and writes `results/benchmarks.json` and `results/performance.md` (which the
+README includes: `python tools/make_readme.py` after a run).
+
+    python tests/benchmarks/run_all.py                     # everything (about 1.5 h on 2 CPU cores)
+    python tests/benchmarks/run_all.py --only speed        # one section; the others keep their last results
+    python tests/benchmarks/run_all.py --only accuracy --models 'smp Unet' 'fastunet default'   # some rows again
+
+A partial run replaces only what it measured, so every figure in the files comes from a benchmark run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ensemble
+import isbi_accuracy
+import speed
+from models import MODELS, REFERENCE, candidate
+
+RESULTS = Path(__file__).parent / 'results'
+SPEED_SETTINGS = {'resnet34@128': dict(encoder='resnet34', size=128, bs=8), 'resnet50@256': dict(encoder='resnet50', size=256, bs=4)}
+DEFAULT = 'fastunet default'
+
+
+def merge_rows(old: dict | None, new: dict) -> dict:
+    """`new`'s rows replace `old`'s rows of the same model; other rows stay (a partial run updates only what it ran).
+    Results measured under other settings (epochs, sizes, machine figures aside) are dropped, not mixed in."""
+    settings = lambda result: {k: v for k, v in result.items() if k not in ('rows', 'runs', 'conv_peak_gflops_per_s')}
+    if not old or settings(old) != settings(new): return new
+    fresh = {r['model'] for r in new['rows']}
+    merged = dict(new)
+    order = [r['model'] for r in old['rows']] + [m for m in (r['model'] for r in new['rows']) if m not in {r['model'] for r in old['rows']}]
+    by_name = {**{r['model']: r for r in old['rows'] if r['model'] not in fresh}, **{r['model']: r for r in new['rows']}}
+    merged['rows'] = [by_name[m] for m in order]
+    if 'runs' in old: merged['runs'] = [r for r in old['runs'] if r['model'] not in fresh] + new['runs']
+    return merged
+
+
+def targets(results: dict) -> str:
+    "The default configuration against the issue's targets, each with its margin."
+    lines = ['| target | measured | met |', '|---|---|---|']
+    for key, result in results.get('speed', {}).items():
+        rows = {r['model']: r for r in result['rows']}
+        if DEFAULT not in rows or REFERENCE not in rows: continue
+        mine, ref = rows[DEFAULT], rows[REFERENCE]
+        for label, field, better in (('training images/s ≥ smp', 'train_images_per_s', 'higher'),
+                                     ('inference images/s ≥ smp', 'infer_images_per_s', 'higher'),
+                                     ('bytes saved for backward ≤ smp', 'saved_for_backward_mib', 'lower')):
+            ratio = mine[field] / ref[field]
+            met = ratio >= 1 if better == 'higher' else ratio <= 1
+            lines.append(f'| {key}: {label} | {ratio:.2f}× smp | {"yes" if met else "**no**"} |')
+    accuracy = results.get('accuracy')
+    if accuracy:
+        rows = {r['model']: r for r in accuracy['rows']}
+        others = [rows[m] for m in ('fastai unet_learner', REFERENCE) if m in rows]
+        if DEFAULT in rows and others:
+            best = max(others, key=lambda r: r['foreground_iou'])
+            margin = rows[DEFAULT]['foreground_iou'] - best['foreground_iou']
+            lines.append(f"| ISBI foreground IoU ≥ best of fastai and smp ({best['model']}, {best['foreground_iou']:.4f}) | "
+                         f"{rows[DEFAULT]['foreground_iou']:.4f} ({margin:+.4f}) | {'yes' if margin >= 0 else '**no**'} |")
+    return '\n'.join(lines)
+
+
+def cpu_name() -> str:
+    for line in Path('/proc/cpuinfo').read_text().splitlines() if Path('/proc/cpuinfo').exists() else []:
+        if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def report(results: dict) -> str:
+    machine = results.get('machine', {})
+    parts = [f"<!-- Written by tests/benchmarks/run_all.py; do not edit by hand. -->",
+             f"Measured on {machine.get('cpu', 'this machine')}, {machine.get('threads')} threads, torch {machine.get('torch')}, "
+             f"{machine.get('date')}. Ratios are against smp's `Unet` on the same encoder.",
+             '#### fastunet\'s default configuration against the targets', targets(results)]
+    for key, result in results.get('speed', {}).items(): parts.append(speed.table(result, REFERENCE))
+    if 'accuracy' in results: parts.append(isbi_accuracy.table(results['accuracy']))
+    if 'ensemble' in results: parts.append(ensemble.table(results['ensemble']))
+    return '\n\n'.join(parts) + '\n'
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--only', nargs='+', choices=['speed', 'accuracy', 'ensemble'], default=['speed', 'accuracy', 'ensemble'])
+    parser.add_argument('--models', nargs='+', default=list(MODELS), help='models for the speed and accuracy sections')
+    parser.add_argument('--speed', nargs='+', choices=list(SPEED_SETTINGS), default=list(SPEED_SETTINGS))
+    parser.add_argument('--epochs', type=int, default=20)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=2)
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / 'benchmarks.json'
+    results = json.loads(path.read_text()) if path.exists() else {}
+    def save():
+        results['machine'] = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__,
+                                  date=time.strftime('%Y-%m-%d'))
+        tmp = path.with_suffix('.tmp')
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+        (RESULTS / 'performance.md').write_text(report(results))
+    if 'speed' in args.only:
+        for key in args.speed:
+            new = speed.run(**SPEED_SETTINGS[key], rounds=args.rounds, threads=args.threads, models=args.models)
+            results.setdefault('speed', {})[key] = merge_rows(results.get('speed', {}).get(key), new)
+            print(speed.table(new, REFERENCE) if REFERENCE in args.models else json.dumps(new['rows']), '\n', flush=True)
+            save()
+    if 'accuracy' in args.only:
+        trained = [m for m in args.models if candidate(m).accuracy]
+        new = isbi_accuracy.run(trained, epochs=args.epochs, seeds=args.seeds, threads=args.threads)
+        results['accuracy'] = merge_rows(results.get('accuracy'), new)
+        print(isbi_accuracy.table(results['accuracy']), '\n', flush=True)
+        save()
+    if 'ensemble' in args.only:
+        results['ensemble'] = ensemble.run(threads=args.threads)
+        print(ensemble.table(results['ensemble']), '\n', flush=True)
+        save()
+    print(targets(results))
+
+
+if __name__ == '__main__':
+    main()
