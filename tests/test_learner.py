@@ -198,3 +198,25 @@ def test_fine_tune_freezes_then_unfreezes(gray_dls, tmp_path):
     learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1)
     assert all(p.requires_grad for p in learn.model.encoder.parameters())
     assert any(not torch.equal(before[n], p) for n, p in encoder_conv_weights(learn).items())
+
+
+def test_compiled_learner_matches_eager_and_keeps_weight_names(gray_dls, tmp_path):
+    "compile=dict(fullgraph=True) compiles in place: same outputs as the eager model, same state-dict names, export works."
+    torch.manual_seed(0)
+    learn = more_dynamic_unet_learner(gray_dls, 'resnet10t', pretrained=False, compile=dict(fullgraph=True))
+    learn.fit(1, 1e-3)
+    compiled_probs, _ = learn.get_preds()
+    eager = more_dynamic_unet_learner(gray_dls, 'resnet10t', pretrained=False)
+    eager.model.load_state_dict(learn.model.state_dict())       # the same names: no '_orig_mod.' prefix
+    eager_probs, _ = eager.get_preds()
+    torch.testing.assert_close(compiled_probs, eager_probs, rtol=1e-3, atol=1e-4)
+    learn.export(tmp_path / 'compiled.pkl')
+    assert load_learner(tmp_path / 'compiled.pkl').predict(gray_dls.valid_ds.items[0])[0].shape == (101, 101)
+
+
+def test_grad_checkpointing_learner_trains_and_saves_memory(gray_dls):
+    learn = more_dynamic_unet_learner(gray_dls, 'resnet10t', pretrained=False, grad_checkpointing=True)
+    assert learn.model.checkpoint_decoder and not learn.model.checkpoint_whole_encoder   # timm: stage by stage
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    learn.fit(1, 1e-3)
+    assert all(not torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))

@@ -51,11 +51,11 @@ def measure(name: str, encoder: str, size: int, bs: int, steps: int, threads: in
     import torch
     import torch.nn as nn
     from torch.utils.flop_counter import FlopCounterMode
-    from models import MODELS
+    from models import candidate
     torch.set_num_threads(threads)
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
-    model = MODELS[name](encoder, 3, 2, size)
+    model = candidate(name).model(encoder, 3, 2, size)
     x, target = torch.randn(bs, 3, size, size), torch.randint(0, 2, (bs, size, size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     def train_step():
