@@ -15,6 +15,12 @@ from typing import Callable
 __all__ = ['atomic_write']
 
 # %% ../nbs/14_files.ipynb #57923be2
+def _new_file_mode() -> int:
+    "The mode `open()` gives a new file under the process's umask (mkstemp's files are private: 0600)."
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     "Call `write(temporary_path)` in `path`'s folder, then rename the temporary file to `path` (atomic on one file system)."
     path = Path(path)
@@ -23,6 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, _new_file_mode())   # readable like any other file the user writes (shared run folders)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -56,7 +56,6 @@ MODELS: dict[str, Candidate] = {
 VARIANTS: dict[str, Candidate] = {
     'fastunet bilinear': Candidate('fastunet', dict(upsample='bilinear', conv_before_upsample=False)),
     'fastunet nearest': Candidate('fastunet', dict(upsample='nearest', conv_before_upsample=False)),
-    'fastunet nearest + conv_before_upsample': Candidate('fastunet', dict(upsample='nearest', conv_before_upsample=True)),
 }
 REFERENCE = 'smp Unet'
 

@@ -36,11 +36,9 @@ def merge_rows(old: dict | None, new: dict) -> dict:
     Results measured under other settings (epochs, sizes, machine figures aside) are dropped, not mixed in."""
     settings = lambda result: {k: v for k, v in result.items() if k not in ('rows', 'runs', 'conv_peak_gflops_per_s')}
     if not old or settings(old) != settings(new): return new
-    fresh = {r['model'] for r in new['rows']}
-    merged = dict(new)
-    order = [r['model'] for r in old['rows']] + [m for m in (r['model'] for r in new['rows']) if m not in {r['model'] for r in old['rows']}]
-    by_name = {**{r['model']: r for r in old['rows'] if r['model'] not in fresh}, **{r['model']: r for r in new['rows']}}
-    merged['rows'] = [by_name[m] for m in order]
+    fresh, kept = {r['model']: r for r in new['rows']}, {r['model'] for r in old['rows']}
+    rows = [fresh.get(r['model'], r) for r in old['rows']] + [r for name, r in fresh.items() if name not in kept]
+    merged = dict(new, rows=rows)
     if 'runs' in old: merged['runs'] = [r for r in old['runs'] if r['model'] not in fresh] + new['runs']
     return merged
 

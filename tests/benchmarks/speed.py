@@ -5,8 +5,8 @@ Per model: parameters; FLOPs per image (forward) and per training step (forward 
 once per storage through `torch.autograd.graph.saved_tensors_hooks`); peak resident memory of the process
 (`ru_maxrss`, which includes the libraries: the RSS after imports is given too); training images/s (AdamW
 step on cross-entropy) and inference images/s (`torch.inference_mode`), each the median of timed steps after
-two warm-up steps. Rounds are interleaved over the models and the best round kept, so a burst of load on
-the machine does not land on one model only. Achieved FLOP/s is set against the FLOP/s this machine reaches
+two warm-up steps. Rounds are interleaved over the models and each model keeps its fastest round (for
+training and for inference separately), so a burst of load on the machine does not land on one model only. Achieved FLOP/s is set against the FLOP/s this machine reaches
 on one large convolution.
 
     python tests/benchmarks/speed.py [--encoder resnet34 --size 128 --bs 8 --steps 5 --rounds 2]
@@ -88,22 +88,23 @@ def measure(name: str, encoder: str, size: int, bs: int, steps: int, threads: in
 
 def run(encoder: str, size: int, bs: int, steps: int = 5, rounds: int = 2, threads: int = 2,
         models: list[str] | None = None) -> dict:
-    "Every model in a fresh subprocess, `rounds` times interleaved; the best round of each model is kept."
+    "Every model in a fresh subprocess, `rounds` times interleaved; each model keeps its fastest training and inference."
     from models import MODELS
-    names, best = models or list(MODELS), {}
+    names = models or list(MODELS)
+    measured = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
             out = subprocess.run([sys.executable, __file__, '--child', name, '--encoder', encoder, '--size', str(size),
                                   '--bs', str(bs), '--steps', str(steps), '--threads', str(threads)],
                                  capture_output=True, text=True)
             if out.returncode: raise RuntimeError(f'{name} failed:\n{out.stderr[-3000:]}')
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            if name not in best or row['train_images_per_s'] > best[name]['train_images_per_s']:
-                row['infer_images_per_s'] = max(row['infer_images_per_s'], best.get(name, row)['infer_images_per_s'])
-                best[name] = row
-            else: best[name]['infer_images_per_s'] = max(row['infer_images_per_s'], best[name]['infer_images_per_s'])
+            measured[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name in names:
+        row = max(measured[name], key=lambda r: r['train_images_per_s'])
+        row['infer_images_per_s'] = max(r['infer_images_per_s'] for r in measured[name])
+        rows.append(row)
     peak = peak_conv_flops(threads)
-    rows = [best[n] for n in names]
     for row in rows: row['fraction_of_conv_peak'] = row['achieved_train_gflops_per_s'] * 1e9 / peak
     return dict(encoder=encoder, size=size, bs=bs, threads=threads, steps=steps, rounds=rounds,
                 conv_peak_gflops_per_s=peak / 1e9, rows=rows)
