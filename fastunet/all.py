@@ -5,25 +5,38 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #227b0165
-from .weights import *
-from .encoders import *
-from .layers import *
-from .model import *
-from .data import *
-from .learner import *
-from .losses import *
-from .metrics import *
-from .tta import *
-from .folds import *
-from .submission import *
-from .kfold import *
-from .ensemble import *
-from .files import *
-from .distributed import *
-from . import weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files, distributed
+# %% ../nbs/99_all.ipynb #7ed8e5bf
+from .encoders.weights import *
+from .encoders.contract import *
+from .encoders.timm_features import *
+from .encoders.traced import *
+from .encoders.registry import *
+from .unet.layers import *
+from .unet.config import *
+from .unet.plan import *
+from .unet.blocks import *
+from .unet.model import *
+from .learner.losses import *
+from .learner.metrics import *
+from .learner.synthetic import *
+from .learner.data import *
+from .learner.checks import *
+from .learner.unet_learner import *
+from .learner.distributed import *
+from .pipeline.files import *
+from .pipeline.splits import *
+from .pipeline.tta import *
+from .pipeline.records import *
+from .pipeline.training import *
+from .pipeline.ensemble import *
+from .pipeline.submission import *
+from .encoders import weights, contract, timm_features, traced, registry
+from .unet import layers, config, plan, blocks, model
+from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed
+from .pipeline import files, splits, tta, records, training, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, encoders, layers, model, data, learner, losses, metrics, tta, folds, submission, kfold, ensemble, files,
-                              distributed)
+__all__ = [name for module in (weights, contract, timm_features, traced, registry, layers, config, plan, blocks, model,
+                              losses, metrics, synthetic, data, checks, unet_learner, distributed,
+                              files, splits, tta, records, training, ensemble, submission)
            for name in module.__all__]

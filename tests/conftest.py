@@ -1,4 +1,4 @@
-"Shared fixtures: small generated data sets and their fastai DataLoaders."
+"Shared fixtures: small generated data sets (made once per session, never changed) and fresh DataLoaders over them."
 from __future__ import annotations
 
 import os
@@ -11,12 +11,17 @@ import pytest
 matplotlib.use('Agg')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')   # nothing is downloaded here; fail fast instead of retrying
 
-from fastai.vision.all import PILImage, PILImageBW, SegmentationDataLoaders, get_image_files, set_seed  # noqa: E402
+from fastai.vision.all import SegmentationDataLoaders, get_image_files, set_seed  # noqa: E402
 
-from fastunet.data import MaskFromFolder, PILImageRGBA, make_synthetic_dataset  # noqa: E402
+from fastunet.learner.data import MaskFromFolder, image_class  # noqa: E402
+from fastunet.learner.synthetic import make_synthetic_dataset  # noqa: E402
 
-IMAGE_CLASSES = {1: PILImageBW, 3: PILImage, 4: PILImageRGBA}
 ISBI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'isbi2012'
+collect_ignore = ['benchmarks']   # benchmarks are run by hand, never collected as tests
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: end-to-end runs (demo, ISBI, several processes); skip with -m "not slow"')
 
 
 def console_script(name: str) -> str:
@@ -34,12 +39,12 @@ def make_dls(path: Path, n_channels: int = 1, n_classes: int = 2, bs: int = 4, l
     set_seed(0)
     return SegmentationDataLoaders.from_label_func(
         path, get_image_files(path / 'images'), label_func or MaskFromFolder(), codes=[f'c{i}' for i in range(n_classes)],
-        img_cls=IMAGE_CLASSES[n_channels], bs=bs, num_workers=0, seed=0, **kwargs)
+        img_cls=image_class(n_channels), bs=bs, num_workers=0, seed=0, **kwargs)
 
 
 @pytest.fixture(scope='session')
 def data_factory(tmp_path_factory):
-    "Make (and cache) a synthetic data set: data_factory(n_channels, n_classes, size, n_images)."
+    "Make (and cache) a synthetic data set: data_factory(n_channels, n_classes, size, n_images). Tests only read it."
     cache = {}
     def make(n_channels: int = 1, n_classes: int = 2, size=(101, 101), n_images: int = 12):
         key = (n_channels, n_classes, tuple(size), n_images)
@@ -51,8 +56,7 @@ def data_factory(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture
 def gray_dls(data_factory):
+    "Fresh DataLoaders for every test: a learner adds its `Normalize` to them, as fastai's `unet_learner` does."
     return make_dls(data_factory(1, 2))
-
-collect_ignore = ['benchmarks']   # benchmarks are run by hand, never collected as tests

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from fastunet.model import MoreDynamicUnet
+from fastunet.unet.model import MoreDynamicUnet
 
 OPTION_SETS = {
     'default': {}, 'blog': dict(config='blog'), 'scse': dict(attention='scse'), 'self_attention': dict(attention='self'),

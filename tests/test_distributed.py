@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import console_script, fastunet_command
-from fastunet.cli import segmentation_block
-from fastunet.data import make_synthetic_dataset
-from fastunet.ensemble import load_fold_records
+from fastunet.pipeline.workflow import segmentation_block
+from fastunet.learner.synthetic import make_synthetic_dataset
+from fastunet.pipeline.records import load_fold_records
 
 HERE = Path(__file__).parent
+pytestmark = pytest.mark.slow
 
 
 def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -48,9 +49,9 @@ def small_salt(tmp_path_factory) -> Path:
 def _validate(out: Path, fold: int) -> tuple[float, np.ndarray]:
     "The TGS metric and probabilities of a saved fold on its held-out images, computed in this single process."
     from fastai.data.transforms import IndexSplitter
-    from fastunet.learner import more_dynamic_unet_learner
-    from fastunet.metrics import TGSMetric
-    from fastunet.losses import BCELovaszLoss
+    from fastunet.learner.unet_learner import more_dynamic_unet_learner
+    from fastunet.learner.metrics import TGSMetric
+    from fastunet.learner.losses import BCELovaszLoss
     record = json.loads((out / 'models' / f'fold_{fold}.json').read_text())
     df = pd.read_csv(out / 'folds.csv')
     block = segmentation_block(1)

@@ -8,9 +8,11 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from fastunet.encoders import (PRETRAINEDMODELS_UNSUPPORTED, TimmEncoder, TracedEncoder, create_encoder,
-                               pretrainedmodels_names)
-from fastunet.model import MoreDynamicUnet
+from fastunet.encoders.contract import Encoder, EncoderInfo
+from fastunet.encoders.registry import create_encoder
+from fastunet.encoders.timm_features import TimmEncoder
+from fastunet.encoders.traced import PRETRAINEDMODELS_UNSUPPORTED, TracedEncoder, pretrainedmodels_names
+from fastunet.unet.model import MoreDynamicUnet
 
 SIZES = [(101, 101), (64, 96)]
 
@@ -39,17 +41,11 @@ def check_unet(arch, n_in: int, n_out: int = 2) -> MoreDynamicUnet:
     model = MoreDynamicUnet(arch, n_out=n_out, n_in=n_in, pretrained=False)
     encoder = model.encoder
     assert hooks_in(model) == [], 'hooks registered'
-    assert len(encoder.channels) == len(encoder.reductions) >= 2
-    assert encoder.reductions == sorted(encoder.reductions), 'features must go shallow to deep'
-    assert len(encoder.stats[0]) == n_in
+    assert isinstance(encoder.info, EncoderInfo) and encoder.n_in == n_in == len(encoder.stats[0])
     for height, width in SIZES:
         x = torch.randn(2, n_in, height, width)
         padded = torch.nn.functional.pad(x, (0, -width % encoder.size_divisor, 0, -height % encoder.size_divisor))
-        features = encoder(padded)
-        assert [f.shape[1] for f in features] == encoder.channels, 'declared channels differ from the features'
-        for feature, reduction in zip(features, encoder.reductions):
-            assert feature.ndim == 4
-            assert abs(feature.shape[-2] - padded.shape[-2] / reduction) <= 1, 'declared stride differs from the features'
+        encoder.info.check_features(encoder(padded), padded.shape[-2:])     # the contract's own check, on real tensors
         out = model(x)
         assert out.shape == (2, n_out, height, width)
         assert torch.isfinite(out).all()
@@ -152,3 +148,30 @@ def test_stem_adaptation_follows_timm():
     assert four.body.conv1.weight.shape[1] == 4
     timm_four = create_encoder('resnet10t', n_in=4)
     assert timm_four(torch.randn(2, 4, 64, 64))[0].shape[1] == timm_four.channels[0]
+
+
+class Liar(Encoder):
+    "An adapter whose record does not describe its features: the deepest one has other channels than declared."
+    def __init__(self, declared_channels):
+        super().__init__()
+        self.stem, self.stage = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.set_info(EncoderInfo('test:liar', 3, declared_channels, [2, 4], 4, ([0.5] * 3, [0.25] * 3)))
+    def forward(self, x):
+        shallow = self.stem(x)
+        return [shallow, self.stage(shallow)]
+
+
+def test_an_encoder_whose_record_lies_fails_when_built():
+    assert Liar([8, 16]).channels == [8, 16]
+    with pytest.raises(ValueError, match="encoder 'test:liar' breaks the encoder contract: feature 1 has 16 channels but declares 32"):
+        Liar([8, 32])
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(reductions=[4, 2]), 'shallow to deep'), (dict(channels=[8]), '1 channel counts but 2 reductions'),
+    (dict(size_divisor=2), 'not a multiple of the deepest reduction 4'), (dict(n_in=1), 'one per input channel'),
+    (dict(stats=([0.5] * 3, [0.] * 3)), 'standard deviations must be positive')])
+def test_encoder_info_refuses_bad_records(bad, message):
+    fields = dict(name='test:record', n_in=3, channels=[8, 16], reductions=[2, 4], size_divisor=4, stats=([0.5] * 3, [0.25] * 3))
+    with pytest.raises(ValueError, match=message):
+        EncoderInfo(**{**fields, **bad})

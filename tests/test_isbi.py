@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from fastai.vision.all import JaccardCoeff, PILImageBW, RandomCrop, SegmentationDataLoaders, get_image_files, set_seed
 
-from fastunet.data import MaskFromFolder
-from fastunet.learner import more_dynamic_unet_learner
+from fastunet.learner.data import MaskFromFolder
+from fastunet.learner.unet_learner import more_dynamic_unet_learner
 
 from conftest import ISBI
 

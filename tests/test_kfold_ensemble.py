@@ -10,10 +10,11 @@ import torch
 from fastai.callback.core import Callback
 from fastai.vision.all import ColReader, DataBlock, ImageBlock, MaskBlock, PILImageBW, Pipeline, Resize
 
-from fastunet.data import MaskFromFolder
-from fastunet.ensemble import FoldEnsemble
-from fastunet.folds import make_folds
-from fastunet.kfold import cv_table, fold_paths, out_of_fold, train_folds
+from fastunet.learner.data import MaskFromFolder, image_tensor
+from fastunet.pipeline.ensemble import FoldEnsemble
+from fastunet.pipeline.splits import make_folds
+from fastunet.pipeline.records import cv_table, fold_paths, out_of_fold
+from fastunet.pipeline.training import train_folds
 
 LEARNER = dict(pretrained=False)
 DLS = dict(num_workers=0)
@@ -46,19 +47,23 @@ def trained(salt_folds, tmp_path_factory):
 
 
 def test_interrupted_run_resumes(salt_folds, tmp_path):
+    block = salt_block()
+    splitter = block.splitter
     with pytest.raises(KeyboardInterrupt):
-        train_folds(salt_block(), salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, dls_kwargs=DLS, learner_kwargs=LEARNER,
+        train_folds(block, salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, dls_kwargs=DLS, learner_kwargs=LEARNER,
                     cbs=[InterruptSecondFit()])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy']   # no temporary files
     finished = (tmp_path / 'fold_0.pth').stat().st_mtime_ns
     cv = train_folds(salt_block(), salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, dls_kwargs=DLS, learner_kwargs=LEARNER)
     assert list(cv.fold) == [0, 1]
     assert (tmp_path / 'fold_0.pth').stat().st_mtime_ns == finished       # fold 0 was not trained again
+    assert block.splitter is splitter                                     # the caller's DataBlock is not changed
 
 
 def test_records_and_out_of_fold(trained, salt_folds):
     record = json.loads((trained / 'fold_1.json').read_text())
     assert record['arch'] == 'resnet10t' and record['n_in'] == 1 and record['n_out'] == 2
+    assert record['activation'] == 'softmax'                  # what CrossEntropyLossFlat's get_preds applies
     assert record['best_epoch'] in (0, 1) and record['monitor'] == 'valid_loss' and np.isfinite(record['score'])
     assert set(record['versions']) == {'fastunet', 'torch', 'fastai', 'timm'}
     assert record['valid_index'] == list(np.flatnonzero(salt_folds.fold.values == 1))
@@ -87,7 +92,7 @@ def test_ensemble_averages_folds_with_flip_tta(trained, salt_folds):
     images = list(salt_folds['item'][:5])
     probs = ensemble.predict(images, bs=2, progress=False)
     assert probs.shape == (5, 2, 64, 64)
-    x = torch.stack([ensemble._load(p) for p in images])
+    x = torch.stack([image_tensor(p, 1) for p in images])
     expected = sum((torch.softmax(m(x), 1) + torch.softmax(m(x.flip(-1)), 1).flip(-1)) / 2 for m in ensemble.models) / 2
     torch.testing.assert_close(probs, expected.detach(), rtol=1e-4, atol=1e-5)
     no_tta = ensemble.predict(images, tta=False, progress=False)
@@ -140,3 +145,17 @@ def test_ensemble_refuses_wrong_channel_count(trained):
     ensemble = FoldEnsemble.from_dir(trained, device='cpu')
     with pytest.raises(ValueError, match='1-channel images'):
         ensemble.predict([np.zeros((64, 64, 3), dtype=np.uint8)], progress=False)
+
+
+def test_binary_folds_record_sigmoid_and_the_ensemble_applies_it(salt_folds, tmp_path):
+    "One rule for probabilities: the learner's loss decides (here sigmoid), the record says so, the ensemble obeys."
+    from fastunet.learner.losses import BCELovaszLoss
+    train_folds(salt_block(), salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, folds=[0], dls_kwargs=DLS,
+                learner_kwargs=dict(pretrained=False, n_out=1, loss_func=BCELovaszLoss()))
+    assert json.loads((tmp_path / 'fold_0.json').read_text())['activation'] == 'sigmoid'
+    ensemble = FoldEnsemble.from_dir(tmp_path, device='cpu')
+    images = list(salt_folds['item'][:3])
+    x = torch.stack([image_tensor(p, 1) for p in images])
+    model = ensemble.models[0]
+    with torch.no_grad(): expected = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
+    torch.testing.assert_close(ensemble.predict(images, progress=False), expected, rtol=1e-4, atol=1e-5)

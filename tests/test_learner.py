@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torchvision.models as tvm
 from fastai.vision.all import PILMask, load_learner, resnet34
 from safetensors.torch import save_file
 
-from fastunet.data import MaskFromFolder
-from fastunet.learner import more_dynamic_unet_learner
-from fastunet.weights import PretrainedWeightsUnavailable
+from fastunet.learner.data import MaskFromFolder
+from fastunet.learner.unet_learner import more_dynamic_unet_learner
+from fastunet.encoders.weights import PretrainedWeightsUnavailable
 
 from conftest import make_dls
 
@@ -130,7 +131,7 @@ def test_offline_pretrained_says_what_to_pass(gray_dls, arch):
 
 
 def test_offline_pretrained_timm_says_what_to_pass():
-    code = ("from fastunet.encoders import create_encoder\n"
+    code = ("from fastunet.encoders.registry import create_encoder\n"
             "try: create_encoder('resnet10t', pretrained=True)\n"
             "except Exception as e: print(type(e).__name__, e)\n")
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
@@ -151,9 +152,27 @@ def test_export_load_learner_predict_round_trip(gray_dls, tmp_path):
     assert torch.equal(loaded_mask, mask)
 
 
-def test_show_results_runs(gray_dls):
+class LeftHalfSalt(nn.Module):
+    "A stand-in model whose prediction is known: class 1 on the left half of every image."
+    def forward(self, x):
+        logits = torch.zeros(len(x), 2, *x.shape[-2:], device=x.device)
+        logits[:, 1, :, :x.shape[-1] // 2] = 1.
+        return logits
+
+
+def test_show_results_draws_each_target_and_the_models_prediction(gray_dls):
+    import matplotlib.pyplot as plt
+    plt.close('all')
     learn = more_dynamic_unet_learner(gray_dls, 'resnet10t', pretrained=False)
+    learn.model = LeftHalfSalt()
     learn.show_results(max_n=2)
+    drawn = [torch.as_tensor(ax.get_images()[1].get_array().data) for ax in plt.gcf().axes]   # the mask over each image
+    _, targets = gray_dls.valid.one_batch()
+    left_half = torch.zeros(101, 101, dtype=torch.long)
+    left_half[:, :50] = 1
+    assert len(drawn) == 4
+    assert sum(torch.equal(mask, left_half) for mask in drawn) == 2                      # the two predictions
+    for target in targets[:2].cpu(): assert any(torch.equal(mask, target) for mask in drawn)   # and both targets
 
 
 def open_mask_as_255(image_path):

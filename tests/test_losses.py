@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet.losses import (BCELovaszLoss, CELovaszLoss, LovaszHingeLoss, LovaszSoftmaxLoss, SymmetricLovaszLoss,
+from fastunet.learner.losses import (BCELovaszLoss, CELovaszLoss, LovaszHingeLoss, LovaszSoftmaxLoss, SymmetricLovaszLoss,
                              lovasz_hinge, lovasz_softmax, symmetric_lovasz)
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from fastai.vision.all import set_seed
 
-from fastunet.learner import more_dynamic_unet_learner
-from fastunet.losses import BCELovaszLoss, CELovaszLoss, LovaszHingeLoss, LovaszSoftmaxLoss, SymmetricLovaszLoss
-from fastunet.metrics import BinaryIoU
+from fastunet.learner.unet_learner import more_dynamic_unet_learner
+from fastunet.learner.losses import BCELovaszLoss, CELovaszLoss, LovaszHingeLoss, LovaszSoftmaxLoss, SymmetricLovaszLoss
+from fastunet.learner.metrics import BinaryIoU
 
 from conftest import make_dls
 

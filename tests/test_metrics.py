@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastunet.metrics import BinaryDice, BinaryIoU, MultiDice, TGSMetric, foreground_mask, tgs_scores
+from fastunet.learner.metrics import BinaryDice, BinaryIoU, MultiDice, TGSMetric, foreground_mask, tgs_scores
 
 
 def run_metric(metric, batches):
@@ -69,6 +69,14 @@ def test_threshold_and_class_scores():
     assert foreground_mask(scores).tolist() == [[[False, True]]]
 
 
-def test_multiclass_dice_is_fastais():
-    from fastai.metrics import DiceMulti
-    assert MultiDice is DiceMulti
+def test_multiclass_dice_and_iou_hand_computed_over_batches():
+    "MultiDice / MultiIoU (fastai's DiceMulti / JaccardCoeffMulti) score each class over the whole set, then average."
+    truth = torch.tensor([[[0, 1, 1, 2]], [[2, 2, 0, 0]]])                  # (2 images, 1 row, 4 pixels)
+    pred = torch.tensor([[[0, 1, 2, 2]], [[2, 0, 0, 1]]])
+    scores = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float()   # class scores whose argmax is `pred`
+    batches = [(scores[:1], truth[:1]), (scores[1:], truth[1:])]
+    # class 0: |p∩t| 2, |p| 3, |t| 3;  class 1: 1, 2, 2;  class 2: 2, 3, 3
+    dice = [2 * 2 / 6, 2 * 1 / 4, 2 * 2 / 6]
+    iou = [2 / 4, 1 / 3, 2 / 4]
+    assert run_metric(MultiDice(), batches) == pytest.approx(sum(dice) / 3)
+    assert run_metric(MultiIoU(), batches) == pytest.approx(sum(iou) / 3)

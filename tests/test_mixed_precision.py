@@ -10,7 +10,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.vision.all import set_seed
 
-from fastunet.learner import more_dynamic_unet_learner
+from fastunet.learner.unet_learner import more_dynamic_unet_learner
 
 from conftest import make_dls
 from test_losses_training import LOSSES

@@ -2,14 +2,15 @@
 (torch.export, torch.jit.trace, ONNX, torch.compile)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 import torchvision.models as tvm
 
-from fastunet.model import MoreDynamicUnet, UnetConfig, plan_decoder
+from fastunet.unet.config import UnetConfig
+from fastunet.unet.model import MoreDynamicUnet
+from fastunet.unet.plan import plan_decoder
 
 OPTIONS = {
     'default': {},
@@ -76,7 +77,7 @@ def test_config_round_trips_through_json():
     config = UnetConfig(**OPTIONS['everything'])
     assert UnetConfig(**json.loads(json.dumps(config.as_dict()))) == config
     model = MoreDynamicUnet('resnet10t', n_out=2, config=config, hypercolumns=False)
-    assert model.config == dataclasses.replace(config, hypercolumns=False)
+    assert model.config == config.replace(hypercolumns=False)
 
 
 def test_bad_options_are_named():
@@ -86,8 +87,21 @@ def test_bad_options_are_named():
         UnetConfig(attention='cbam')
     with pytest.raises(ValueError, match='decoder_widths has 2 entries but this encoder needs 5'):
         MoreDynamicUnet('resnet10t', decoder_widths=[32, 16])
-    with pytest.raises(ValueError, match="unknown norm"):
+    with pytest.raises(ValueError, match="norm must be one of"):
         MoreDynamicUnet('resnet10t', norm='layer')
+    with pytest.raises(TypeError, match="'upsampl' \\(did you mean 'upsample'\\?\\)"):
+        MoreDynamicUnet('resnet10t', upsampl='nearest')
+
+
+def test_unet_config_options_show_in_the_signatures():
+    "`UnetConfig`'s fields are keywords of the model and the learner, with their documentation (fastcore docments)."
+    import inspect
+    from fastcore.docments import docments
+    from fastunet.learner.unet_learner import more_dynamic_unet_learner
+    for function in (MoreDynamicUnet.__init__, more_dynamic_unet_learner):
+        parameters = inspect.signature(function).parameters
+        assert set(UnetConfig.fields()) <= set(parameters) and 'kwargs' not in parameters
+        assert docments(function)['upsample'].startswith("'pixel_shuffle' (ICNR)")
 
 
 def test_wrong_channel_count_is_a_clear_error():

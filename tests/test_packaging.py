@@ -1,10 +1,10 @@
-"""The repository's promises: the package is what nbdev-export makes of the notebooks, the README is what
-the index notebook makes, CI runs the README's test command, and the `fastunet` command does real work."""
+"""The repository's promises: the package is what nbdev-export makes of the notebooks, the README is what the index
+notebook makes, CI runs the README's test command, the layers import only downwards, importing changes nothing in
+fastai or torch, and the public names of `fastunet.all` stay."""
 from __future__ import annotations
 
+import ast
 import filecmp
-import json
-import re
 import shutil
 import subprocess
 import sys
@@ -12,17 +12,37 @@ from pathlib import Path
 
 import pytest
 
-from fastunet.submission import rle_decode
-
-from conftest import ISBI, fastunet_command
-
 ROOT = Path(__file__).resolve().parents[1]
 TEST_COMMAND = 'pip install -c .ci/constraints.txt -e ".[dev]" && nbdev-test && pytest'
+
+# every name `fastunet.all` exported before the package was laid out by layer: users' code imports them
+PUBLIC_NAMES = [
+    'ACTIVATIONS', 'AttentionGate', 'BCELovaszLoss', 'BinaryDice', 'BinaryIoU', 'CELovaszLoss', 'ConvNormAct',
+    'DecoderBlock', 'DecoderStage', 'Encoder', 'FoldEnsemble', 'HEAD_NAMES', 'IMAGENET_STATS', 'IMAGE_MODES',
+    'KeepBestEpoch', 'LovaszHingeLoss', 'LovaszSoftmaxLoss', 'MUST_AGREE', 'MaskFromFolder', 'MiddleBlock',
+    'MoreDynamicUnet', 'MultiDice', 'MultiIoU', 'NORMS', 'PILImageRGBA', 'PRETRAINEDMODELS_UNSUPPORTED',
+    'PlainTensorInput', 'PretrainedWeightsUnavailable', 'ResBlock', 'SCSE', 'SelfAttention', 'SymmetricLovaszLoss',
+    'TGSMetric', 'TGS_THRESHOLDS', 'TimmEncoder', 'TracedEncoder', 'UPSAMPLE_MODES', 'UnetConfig', 'Upsample',
+    'act_layer', 'adapt_first_conv', 'adapt_stats', 'apply_threshold', 'arch_name', 'atomic_write', 'barrier',
+    'broadcast_state', 'check_segmentation_batch', 'coverage_bins', 'create_encoder', 'crop_pads', 'cv_table',
+    'data_parallel', 'find_size_divisor', 'fold_paths', 'foreground_mask', 'hflip_tta', 'is_main_process',
+    'load_fold_records', 'load_into_model', 'load_local_state_dict', 'lovasz_grad', 'lovasz_hinge', 'lovasz_softmax',
+    'make_folds', 'make_synthetic_dataset', 'mask_coverage', 'more_dynamic_unet_learner', 'norm_layer', 'out_of_fold',
+    'pad_to_multiple', 'pad_valid_convolutions', 'plan_decoder', 'pretrainedmodels_encoder', 'pretrainedmodels_names',
+    'resize_to', 'resolve_arch', 'rle_decode', 'rle_encode', 'search_threshold', 'symmetric_lovasz', 'tgs_scores',
+    'torchvision_encoder', 'train_folds', 'unet_splitter', 'unwrap_model', 'write_submission']
+
+# the layers, lowest first: a module may import its own layer and those below it, never above
+LAYERS = ['encoders', 'unet', 'learner', 'pipeline', 'cli']
 
 
 def git_files() -> list[str]:
     if not (ROOT / '.git').exists() or shutil.which('git') is None: pytest.skip('not a git checkout')
     return subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+
+
+def package_modules(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in (root / 'fastunet').rglob('*.py'))
 
 
 def test_nbdev_export_on_a_clean_checkout_changes_nothing(tmp_path):
@@ -32,16 +52,75 @@ def test_nbdev_export_on_a_clean_checkout_changes_nothing(tmp_path):
             shutil.copy2(ROOT / name, tmp_path / name)
     exporter = Path(sys.executable).parent / 'nbdev-export'
     subprocess.run([str(exporter)], cwd=tmp_path, check=True, capture_output=True, timeout=300)
-    generated = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / 'fastunet').glob('*.py'))
-    committed = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / 'fastunet').glob('*.py'))
+    generated, committed = package_modules(tmp_path), package_modules(ROOT)
     assert generated == committed
     changed = [name for name in generated if not filecmp.cmp(tmp_path / name, ROOT / name, shallow=False)]
     assert changed == [], f'edit the notebooks, run nbdev-export and commit both: {changed}'
 
 
+def test_every_module_has_its_notebook_named_after_it():
+    "nbs/NN_encoders.contract.ipynb makes fastunet/encoders/contract.py: the numbers follow the layers."
+    notebooks = {p.stem.split('_', 1)[1]: p.stem for p in (ROOT / 'nbs').glob('[0-9]*.ipynb')}
+    modules = {m.removeprefix('fastunet/').removesuffix('.py').replace('/', '.') for m in package_modules(ROOT)
+               if not m.endswith(('__init__.py', '_modidx.py'))}
+    assert modules == set(notebooks)
+    numbers = {name: int(stem.split('_')[0]) for name, stem in notebooks.items() if name != 'all'}
+    by_layer = [sorted(n for name, n in numbers.items() if name.split('.')[0] == layer) for layer in LAYERS]
+    assert all(max(lower) < min(higher) for lower, higher in zip(by_layer, by_layer[1:])), by_layer
+
+
+def imported_layers(path: Path) -> set[str]:
+    "The fastunet layers a module imports (relative imports resolved)."
+    package = path.relative_to(ROOT).with_suffix('').parts[:-1]        # ('fastunet', 'unet')
+    layers = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level: target = list(package[:len(package) - node.level + 1]) + (node.module or '').split('.')
+            else: target = (node.module or '').split('.')
+            if target[0] == 'fastunet' and len(target) > 1: layers.add(target[1])
+        elif isinstance(node, ast.Import):
+            layers |= {a.name.split('.')[1] for a in node.names if a.name.startswith('fastunet.')}
+    return layers & set(LAYERS)
+
+
+def test_layers_import_only_downwards():
+    for module in (ROOT / 'fastunet').rglob('*.py'):
+        parts = module.relative_to(ROOT / 'fastunet').with_suffix('').parts
+        layer = parts[0] if parts[0] in LAYERS else None
+        if layer is None: continue                                         # all.py, _modidx.py, __init__.py
+        allowed = set(LAYERS[:LAYERS.index(layer) + 1])
+        assert imported_layers(module) <= allowed, f'{module.relative_to(ROOT)} imports {imported_layers(module) - allowed}'
+
+
+def test_importing_fastunet_changes_nothing_in_fastai_or_torch():
+    code = '''
+import fastai.vision.all as fv, fastai.distributed as fd, torch
+def snapshot(): return ({k: id(v) for k, v in vars(fv.Learner).items()}, fd.DistributedDL._broadcast, dict(vars(torch.nn.Module)))
+before = snapshot()
+import fastunet.all
+print(snapshot() == before)
+'''
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == 'True', out.stderr[-2000:]
+
+
+def test_public_names_are_kept():
+    import fastunet.all
+    assert set(PUBLIC_NAMES) <= set(fastunet.all.__all__)
+    assert all(getattr(fastunet.all, name, None) is not None for name in fastunet.all.__all__)
+
+
 def test_readme_is_made_from_the_index_notebook():
     result = subprocess.run([sys.executable, 'tools/make_readme.py', '--check'], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_readme_opens_with_code_that_runs():
+    "The first code block of the README is the index notebook's first code cell, which nbdev-test runs."
+    readme = (ROOT / 'README.md').read_text()
+    first_block = readme.split('```python\n', 1)[1].split('```', 1)[0]
+    assert 'make_synthetic_dataset' in first_block and 'fit_one_cycle' in first_block
+    assert readme.index('```python') < readme.index('## Install and run')
 
 
 def test_ci_runs_the_readme_test_command():
@@ -52,47 +131,5 @@ def test_ci_runs_the_readme_test_command():
     assert 'torch==2.14.1' in pins and 'torchvision==0.29.1' in pins
 
 
-def test_cli_help():
-    out = subprocess.run([fastunet_command(), '--help'], capture_output=True, text=True).stdout
-    assert 'demo' in out and 'train' in out and 'predict' in out
-    out = subprocess.run([fastunet_command(), 'demo', '--help'], capture_output=True, text=True).stdout
-    assert '--epochs' in out and '--arch' in out and '--folds' in out
-    out = subprocess.run([fastunet_command(), 'train', '--help'], capture_output=True, text=True).stdout
-    assert '--binary-masks' in out and '--fold' in out
-    result = subprocess.run([fastunet_command(), 'nonsense'], capture_output=True, text=True)
-    assert result.returncode == 2
-
-
-def test_demo_runs_the_whole_pipeline(tmp_path):
-    result = subprocess.run([fastunet_command(), 'demo', '--dest', str(tmp_path), '--n-images', '24', '--n-test', '7',
-                             '--folds', '2', '--epochs', '1', '--size', '64', '--bs', '4'], capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r'test TGS metric: \d\.\d+ without TTA, \d\.\d+ with flip TTA', result.stdout), result.stdout[-2000:]
-    report = json.loads((tmp_path / 'report.json').read_text())
-    assert len(report['cv']) == 2 and 0 <= report['oof_tgs'] <= 1 and 0 <= report['test_tgs_with_tta'] <= 1
-    rows = (tmp_path / 'submission.csv').read_text().splitlines()
-    assert rows[0] == 'id,rle_mask' and len(rows) == 8
-    for row in rows[1:]:
-        assert rle_decode(row.split(',')[1], (64, 64)).shape == (64, 64)
-    assert (tmp_path / 'predictions.png').read_bytes()[:4] == b'\x89PNG'
-    assert sorted(p.name for p in (tmp_path / 'models').glob('fold_*.json')) == ['fold_0.json', 'fold_1.json']
-    assert not list(tmp_path.rglob('*.tmp')), 'temporary files left behind'
-
-
-@pytest.mark.skipif(not ISBI.exists(), reason=f'ISBI 2012 data not found at {ISBI}')
-def test_train_and_predict_on_isbi(tmp_path):
-    result = subprocess.run([fastunet_command(), 'train', str(ISBI), '--out', str(tmp_path), '--arch', 'resnet10t', '--folds', '2',
-                             '--epochs', '1', '--crop', '128', '--bs', '4', '--mask-folder', 'labels', '--binary-masks'],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len(json.loads((tmp_path / 'report.json').read_text())['cv']) == 2
-    out, test_images = tmp_path / 'submission.csv', tmp_path / 'test_images'
-    test_images.mkdir()
-    for image in sorted((ISBI / 'images').glob('*.png'))[:4]: (test_images / image.name).symlink_to(image)   # a few keep it fast
-    result = subprocess.run([fastunet_command(), 'predict', str(tmp_path / 'models'), str(test_images), '--out', str(out),
-                             '--threshold', '0.5'], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = out.read_text().splitlines()[1:]
-    assert [row.split(',')[0] for row in rows] == ['00', '01', '02', '03']
-    assert rle_decode(rows[0].split(',')[1], (512, 512)).shape == (512, 512)
+def test_no_run_output_is_committed():
+    assert not [name for name in git_files() if name.startswith(('fastunet_demo/', 'fastunet_run/'))]

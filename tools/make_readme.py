@@ -2,7 +2,8 @@
 
 `nbdev-readme` renders through Quarto, a binary that cannot be installed from the package registries
 this project builds from; this script does the same job for our index notebook: markdown cells as they
-are, code cells as python blocks (with text outputs), `#| hide` cells left out, nbdev directives dropped.
+are, code cells as python blocks with their outputs (markdown as it is, text fenced, pictures left out),
+`#| hide` cells left out, nbdev directives dropped.
 A markdown line `<!-- include: PATH -->` is replaced by that file (PATH from the repository root): the
 performance section comes from the benchmarks' own output that way, not typed by hand.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,46 @@ def _include(markdown: str) -> str:
     return '\n'.join(lines)
 
 
+def _text(value) -> str: return ''.join(value) if isinstance(value, list) else value
+
+
+class _TableRows(HTMLParser):
+    "The cells of an HTML table, row by row (fastai's training table is one)."
+    def __init__(self):
+        super().__init__()
+        self.rows, self._cell = [], None
+    def handle_starttag(self, tag, attrs):
+        if tag == 'tr': self.rows.append([])
+        elif tag in ('td', 'th'): self._cell = ''
+    def handle_endtag(self, tag):
+        if tag in ('td', 'th') and self._cell is not None:
+            self.rows[-1].append(self._cell.strip())
+            self._cell = None
+    def handle_data(self, data):
+        if self._cell is not None: self._cell += data
+
+
+def _markdown_table(html: str) -> str:
+    parser = _TableRows()
+    parser.feed(html)
+    header, *rows = [row for row in parser.rows if row]
+    lines = [header, ['---'] * len(header), *rows]
+    return '\n'.join('| ' + ' | '.join(row) + ' |' for row in lines)
+
+
+def _render_output(output: dict) -> str | None:
+    "Tables and markdown as markdown (fastai's training table, show_doc), text fenced; pictures and object reprs left out."
+    data = output.get('data', {})
+    if '<table' in _text(data.get('text/html', '')): return _markdown_table(_text(data['text/html']))
+    if 'text/markdown' in data: return _text(data['text/markdown']).strip()
+    if output.get('output_type') == 'stream' and output.get('name') == 'stdout': text = _text(output['text'])
+    elif 'text/plain' in data: text = _text(data['text/plain'])
+    else: return None
+    text = text.rstrip()
+    if not text or (text.startswith('<') and text.endswith('>')): return None
+    return '```\n' + text + '\n```'
+
+
 def render(notebook: Path) -> str:
     parts = []
     for cell in json.loads(notebook.read_text(encoding='utf-8'))['cells']:
@@ -47,9 +89,7 @@ def render(notebook: Path) -> str:
             parts.append(_include(body))
             continue
         parts.append(f'```python\n{body}\n```')
-        for output in cell.get('outputs', []):
-            data = output.get('data', {}).get('text/plain') or output.get('text')
-            if data: parts.append('```\n' + (''.join(data) if isinstance(data, list) else data).rstrip() + '\n```')
+        parts.extend(filter(None, map(_render_output, cell.get('outputs', []))))
     return '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n' + '\n\n'.join(parts) + '\n'
 
 

@@ -25,8 +25,8 @@ def current_rss_mib() -> float:
 def measure(model_dir: str, images_dir: str, n: int, folds: int, tta: bool, threads: int) -> dict:
     "Run in a child process: stream the first `folds` folds' predictions for the first n images into a submission."
     import torch
-    from fastunet.ensemble import FoldEnsemble
-    from fastunet.submission import apply_threshold, rle_encode, write_submission
+    from fastunet.pipeline.ensemble import FoldEnsemble
+    from fastunet.pipeline.submission import apply_threshold, rle_encode, write_submission
     torch.set_num_threads(threads)
     images = sorted(Path(images_dir).glob('*.png'))[:n]
     ensemble = FoldEnsemble.from_dir(model_dir, device='cpu')
@@ -45,8 +45,8 @@ def measure(model_dir: str, images_dir: str, n: int, folds: int, tta: bool, thre
 
 
 def run(folds: int = 5, sizes: list[int] = (200, 800), arch: str = 'resnet10t', threads: int = 2) -> dict:
-    from fastunet.cli import run_training
-    from fastunet.data import make_synthetic_dataset
+    from fastunet.pipeline.workflow import run_training
+    from fastunet.learner.synthetic import make_synthetic_dataset
     work = Path(tempfile.mkdtemp(prefix='fastunet_ensemble_'))
     train = make_synthetic_dataset(work / 'train', n_images=40, size=(101, 101))
     run_training(train, work, arch, folds, 1, 3e-3, 8, 0)        # the weights do not change speed or memory

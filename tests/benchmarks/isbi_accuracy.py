@@ -22,7 +22,7 @@ ISBI = Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'isbi2012'
 def isbi_dls(seed: int, bs: int, size: int = 256):
     from fastai.vision.all import (DataBlock, Dihedral, ImageBlock, MaskBlock, PILImageBW, RandomSplitter, Resize,
                                    get_image_files)
-    from fastunet.data import MaskFromFolder
+    from fastunet.learner.data import MaskFromFolder
     block = DataBlock(blocks=(ImageBlock(cls=PILImageBW), MaskBlock(codes=['membrane', 'cell'])),
                       get_items=get_image_files, get_y=MaskFromFolder('labels', binary=True),
                       splitter=RandomSplitter(valid_pct=0.2, seed=42), item_tfms=Resize(size), batch_tfms=[Dihedral()])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastunet.losses import lovasz_hinge, lovasz_softmax
+from fastunet.learner.losses import lovasz_hinge, lovasz_softmax
 
 
 def looped_hinge(logits, labels):

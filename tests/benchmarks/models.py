@@ -30,7 +30,7 @@ class Candidate:
         if self.library == 'smp':
             import segmentation_models_pytorch as smp
             return smp.Unet(encoder, encoder_weights=None, in_channels=n_in, classes=n_out)
-        from fastunet.model import MoreDynamicUnet
+        from fastunet.unet.model import MoreDynamicUnet
         model = MoreDynamicUnet(_torchvision(encoder), n_out=n_out, n_in=n_in, **self.options)
         if self.grad_checkpointing: model.set_grad_checkpointing()
         return model
@@ -39,7 +39,7 @@ class Candidate:
         from fastai.vision.all import Learner, get_c, unet_learner
         if self.library == 'fastai': return unet_learner(dls, _torchvision(encoder), pretrained=False, n_in=n_in, **kwargs)
         if self.library == 'smp': return Learner(dls, self.model(encoder, n_in, get_c(dls), 0), **kwargs)
-        from fastunet.learner import more_dynamic_unet_learner
+        from fastunet.learner.unet_learner import more_dynamic_unet_learner
         return more_dynamic_unet_learner(dls, _torchvision(encoder), pretrained=False, n_in=n_in,
                                          grad_checkpointing=self.grad_checkpointing, **self.options, **kwargs)
 

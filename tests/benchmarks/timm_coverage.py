@@ -20,7 +20,7 @@ from pathlib import Path
 import timm
 import torch
 
-from fastunet.model import MoreDynamicUnet
+from fastunet.unet.model import MoreDynamicUnet
 
 
 class _Timeout(BaseException): pass   # not an Exception: `check` must not swallow it

@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fastunet.cli import read_mask, run_training
-from fastunet.data import MaskFromFolder
-from fastunet.ensemble import FoldEnsemble, load_fold_records
+from fastunet.pipeline.workflow import run_training
+from fastunet.learner.data import MaskFromFolder
+from fastunet.pipeline.ensemble import FoldEnsemble
+from fastunet.pipeline.records import load_fold_records
 
 ISBI = Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'isbi2012'
 
@@ -49,7 +50,7 @@ def main():
     for record, model in zip(load_fold_records(workdir / 'models'), ensemble.models):
         single = FoldEnsemble([model], record, device='cpu')
         items = list(df['item'][df.fold == record['fold']])
-        truths = torch.stack([torch.from_numpy(read_mask(mask_of, p)) > 0 for p in items])
+        truths = torch.stack([torch.from_numpy(mask_of.array(p)) > 0 for p in items])
         for tta in (False, True):
             probs = single.predict(items, bs=2, tta=tta, progress=False)[:, 0]
             results[tta].append((probs, truths))

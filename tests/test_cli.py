@@ -1,0 +1,90 @@
+"""The `fastunet` command end to end: its help, the demo on generated data, and train + predict on ISBI 2012. The
+submissions are checked against the fold ensemble's own predictions, so a wrong row cannot pass."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from fastunet.learner.data import MaskFromFolder
+from fastunet.learner.metrics import tgs_scores
+from fastunet.pipeline.ensemble import FoldEnsemble
+from fastunet.pipeline.submission import apply_threshold, rle_decode
+from fastunet.pipeline.workflow import list_images
+
+from conftest import ISBI, fastunet_command
+
+
+def test_cli_help():
+    out = subprocess.run([fastunet_command(), '--help'], capture_output=True, text=True).stdout
+    assert 'demo' in out and 'train' in out and 'predict' in out
+    out = subprocess.run([fastunet_command(), 'demo', '--help'], capture_output=True, text=True).stdout
+    assert '--epochs' in out and '--arch' in out and '--folds' in out
+    out = subprocess.run([fastunet_command(), 'train', '--help'], capture_output=True, text=True).stdout
+    assert '--binary-masks' in out and '--fold' in out
+    result = subprocess.run([fastunet_command(), 'nonsense'], capture_output=True, text=True)
+    assert result.returncode == 2
+
+
+def submission_rows(path) -> list[tuple[str, str]]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == 'id,rle_mask'
+    return [tuple(line.split(',')) for line in lines[1:]]
+
+
+def ensemble_masks(models, images, threshold: float, min_area: int, bs: int = 4) -> torch.Tensor:
+    "What the submission must hold: the fold ensemble's flip-TTA probabilities, thresholded."
+    probs = FoldEnsemble.from_dir(models, device='cpu').predict(images, bs=bs, progress=False)[:, -1]
+    return apply_threshold(probs, threshold, min_area)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    dest = tmp_path / 'demo'
+    result = subprocess.run([fastunet_command(), 'demo', '--dest', str(dest), '--n-images', '24', '--n-test', '7',
+                             '--folds', '2', '--epochs', '1', '--size', '64', '--bs', '4'], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'writing data, models, submission.csv, report.json and predictions.png to {dest}' in result.stdout
+    assert re.search(r'test TGS metric: \d\.\d+ without TTA, \d\.\d+ with flip TTA', result.stdout), result.stdout[-2000:]
+    report = json.loads((dest / 'report.json').read_text())
+    assert [row['fold'] for row in report['cv']] == [0, 1]
+    chosen = json.loads((dest / 'models' / 'threshold.json').read_text())
+    assert (chosen['threshold'], chosen['min_area']) == (report['threshold'], report['min_area'])
+
+    test_images = list_images(dest / 'data' / 'test' / 'images')
+    masks = ensemble_masks(dest / 'models', test_images, report['threshold'], report['min_area'])
+    rows = submission_rows(dest / 'submission.csv')
+    assert [image_id for image_id, _ in rows] == [p.stem for p in test_images]
+    for (_, rle), mask in zip(rows, masks): np.testing.assert_array_equal(rle_decode(rle, (64, 64)), mask.numpy())
+    truths = torch.from_numpy(np.stack([MaskFromFolder().array(p) for p in test_images])) > 0
+    assert tgs_scores(masks, truths).mean().item() == pytest.approx(report['test_tgs_with_tta'])
+
+    assert (dest / 'predictions.png').read_bytes()[:4] == b'\x89PNG'
+    assert sorted(p.name for p in (dest / 'models').glob('fold_*.json')) == ['fold_0.json', 'fold_1.json']
+    assert not list(tmp_path.rglob('*.tmp')), 'temporary files left behind'
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ISBI.exists(), reason=f'ISBI 2012 data not found at {ISBI} (see shared/data/README.md)')
+def test_train_and_predict_on_isbi(tmp_path):
+    result = subprocess.run([fastunet_command(), 'train', str(ISBI), '--out', str(tmp_path), '--arch', 'resnet10t', '--folds', '2',
+                             '--epochs', '1', '--crop', '128', '--bs', '4', '--mask-folder', 'labels', '--binary-masks'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert [row['fold'] for row in report['cv']] == [0, 1] and all(np.isfinite(row['score']) for row in report['cv'])
+    out, test_images = tmp_path / 'submission.csv', tmp_path / 'test_images'
+    test_images.mkdir()
+    for image in sorted((ISBI / 'images').glob('*.png'))[:3]: (test_images / image.name).symlink_to(image)   # a few keep it fast
+    result = subprocess.run([fastunet_command(), 'predict', str(tmp_path / 'models'), str(test_images), '--out', str(out),
+                             '--threshold', '0.5'], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = submission_rows(out)
+    assert [image_id for image_id, _ in rows] == ['00', '01', '02']
+    masks = ensemble_masks(tmp_path / 'models', list_images(test_images), 0.5, 0)
+    for (_, rle), mask in zip(rows, masks): np.testing.assert_array_equal(rle_decode(rle, (512, 512)), mask.numpy())
