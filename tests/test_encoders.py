@@ -168,7 +168,7 @@ def test_an_encoder_whose_record_lies_fails_when_built():
 
 
 @pytest.mark.parametrize('bad, message', [
-    (dict(reductions=[4, 2]), 'shallow to deep'), (dict(channels=[8]), '1 channel counts but 2 reductions'),
+    (dict(reductions=[4, 2]), 'shallow to deep'), (dict(channels=[8, 16, 32]), '3 channel counts but 2 reductions'), (dict(channels=[8], reductions=[2]), 'at least two features'),
     (dict(size_divisor=2), 'not a multiple of the deepest reduction 4'), (dict(n_in=1), 'one per input channel'),
     (dict(stats=([0.5] * 3, [0.] * 3)), 'standard deviations must be positive')])
 def test_encoder_info_refuses_bad_records(bad, message):

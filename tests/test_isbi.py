@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from fastai.vision.all import JaccardCoeff, PILImageBW, RandomCrop, SegmentationDataLoaders, get_image_files, set_seed
 
 from fastunet.learner.data import MaskFromFolder
@@ -10,7 +11,8 @@ from fastunet.learner.unet_learner import more_dynamic_unet_learner
 
 from conftest import ISBI
 
-pytestmark = pytest.mark.skipif(not ISBI.exists(), reason=f'ISBI 2012 data not found at {ISBI} (see shared/data/README.md)')
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not ISBI.exists(), reason=f'ISBI 2012 data not found at {ISBI} (see shared/data/README.md)')]
 
 
 def isbi_dls(label_func, size=128):
@@ -26,9 +28,12 @@ def test_isbi_raw_masks_are_refused_and_the_binary_reader_trains():
         more_dynamic_unet_learner(isbi_dls(MaskFromFolder('labels')), 'resnet10t', pretrained=False)
     learn = more_dynamic_unet_learner(isbi_dls(MaskFromFolder('labels', binary=True)), 'resnet10t', pretrained=False,
                                       metrics=JaccardCoeff())
-    learn.fit_one_cycle(8, 3e-3)
+    learn.fit_one_cycle(16, 3e-3)
     losses = [float(loss) for loss in learn.recorder.losses]
     assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), f'training loss did not fall: {losses}'
     _, iou = learn.validate()
-    assert 0 <= iou <= 1
-
+    # calling every pixel 'cell' already scores the foreground share as IoU (0.70 on these crops): the model must beat
+    # that clearly (0.84-0.85 measured with two seeds; a model that learnt nothing sits at or below the baseline)
+    targets = torch.cat([y for _, y in learn.dls.valid])
+    all_foreground = (targets > 0).float().mean().item()
+    assert iou > all_foreground + 0.07, (iou, all_foreground)

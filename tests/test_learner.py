@@ -154,6 +154,9 @@ def test_export_load_learner_predict_round_trip(gray_dls, tmp_path):
 
 class LeftHalfSalt(nn.Module):
     "A stand-in model whose prediction is known: class 1 on the left half of every image."
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))    # fastai finds the device through the parameters
     def forward(self, x):
         logits = torch.zeros(len(x), 2, *x.shape[-2:], device=x.device)
         logits[:, 1, :, :x.shape[-1] // 2] = 1.

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastunet.learner.metrics import BinaryDice, BinaryIoU, MultiDice, TGSMetric, foreground_mask, tgs_scores
+from fastunet.learner.metrics import BinaryDice, BinaryIoU, MultiDice, MultiIoU, TGSMetric, foreground_mask, tgs_scores
 
 
 def run_metric(metric, batches):

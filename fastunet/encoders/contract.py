@@ -100,20 +100,18 @@ def quiet_fake_tensors():
 def fake_output_shapes(model: nn.Module, n_in: int, size: tuple[int, int]) -> list[torch.Size]:
     "The shapes of `model`'s outputs (one tensor or a list) for a (1, n_in, *size) input, in eval mode, on fake tensors."
     device = next(model.parameters()).device
-    training = model.training
-    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in model.modules()]
+    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in model.modules()]   # every module's mode too
     model.eval()
     try:
         with quiet_fake_tensors() as mode, torch.no_grad():
             out = model(mode.from_tensor(torch.zeros(1, n_in, *size, device=device)))
         return [t.shape for t in (out if isinstance(out, (list, tuple)) else [out])]
     finally:
-        for module, attributes, buffers in saved:   # leave no fake tensor behind
+        for module, attributes, buffers in saved:   # leave no fake tensor behind, and each module in its own mode
             module.__dict__.clear()
             module.__dict__.update(attributes)
             module._buffers.clear()
             module._buffers.update(buffers)
-        model.train(training)
 
 def runs_at(model: nn.Module, n_in: int, size: tuple[int, int]) -> bool:
     "Does `model` accept a (1, n_in, *size) input? Checked on fake tensors."

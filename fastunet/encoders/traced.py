@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node, symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 from timm.models import adapt_input_conv
 
-from .contract import IMAGENET_STATS, Encoder, EncoderInfo, adapt_stats, quiet_fake_tensors
+from .contract import IMAGENET_STATS, Encoder, EncoderInfo, adapt_stats, find_size_divisor, quiet_fake_tensors
 from .weights import PretrainedWeightsUnavailable, in_classifier_head, load_into_model, load_local_state_dict
 
 # %% auto #0
@@ -144,7 +144,8 @@ class TracedEncoder(Encoder):
         self.body = GraphModule(traced, graph, class_name='FeatureExtractor')
         self.stage_names = [node.name for node, _, _ in stages]
         reductions = [stride for _, _, stride in stages]
-        self.set_info(EncoderInfo(name, n_in, [c for _, c, _ in stages], reductions, max(reductions), adapt_stats(stats, n_in)))
+        size_divisor = find_size_divisor(self.body, n_in, max(reductions))   # more than the stride where a net needs room (AlexNet)
+        self.set_info(EncoderInfo(name, n_in, [c for _, c, _ in stages], reductions, size_divisor, adapt_stats(stats, n_in)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
