@@ -3,7 +3,7 @@
 `nbdev-readme` renders through Quarto, a binary that cannot be installed from the package registries
 this project builds from; this script does the same job for our index notebook: markdown cells as they
 are, code cells as python blocks with their outputs (markdown as it is, text fenced, pictures left out),
-`#| hide` cells left out, nbdev directives dropped.
+`#| hide` cells left out, `#| echo: false` cells shown by their output only, nbdev directives dropped.
 A markdown line `<!-- include: PATH -->` is replaced by that file (PATH from the repository root): the
 performance section comes from the benchmarks' own output that way, not typed by hand.
 
@@ -67,7 +67,8 @@ def _render_output(output: dict) -> str | None:
     "Tables and markdown as markdown (fastai's training table, show_doc), text fenced; pictures and object reprs left out."
     data = output.get('data', {})
     if '<table' in _text(data.get('text/html', '')): return _markdown_table(_text(data['text/html']))
-    if 'text/markdown' in data: return _text(data['text/markdown']).strip()
+    if 'text/markdown' in data:   # show_doc's link to the source needs the docs site: left out
+        return '\n'.join(line for line in _text(data['text/markdown']).strip().splitlines() if not line.startswith('[source]('))
     if output.get('output_type') == 'stream' and output.get('name') == 'stdout': text = _text(output['text'])
     elif 'text/plain' in data: text = _text(data['text/plain'])
     else: return None
@@ -88,7 +89,7 @@ def render(notebook: Path) -> str:
         if cell['cell_type'] == 'markdown':
             parts.append(_include(body))
             continue
-        parts.append(f'```python\n{body}\n```')
+        if '#|echo:false' not in [d.replace(' ', '') for d in directives]: parts.append(f'```python\n{body}\n```')
         parts.extend(filter(None, map(_render_output, cell.get('outputs', []))))
     return '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n' + '\n\n'.join(parts) + '\n'
 
