@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from fastcore.meta import delegates
 from fastcore.script import call_parse, parse_cli
 
 from .learner.distributed import is_main_process
@@ -22,18 +23,10 @@ __all__ = ['COMMANDS', 'demo', 'train', 'predict', 'main']
 
 # %% ../nbs/40_cli.ipynb #d2be9558
 @call_parse
-def demo(dest: str = 'fastunet_demo',   # folder for data, models, submission, report and picture
-         arch: str = 'resnet10t',       # encoder: a timm or pretrainedmodels name
-         folds: int = 3,                # number of folds
-         epochs: int = 6,               # one-cycle epochs per fold
-         n_images: int = 160,           # synthetic training images
-         n_test: int = 40,              # synthetic test images (with truths, to score the submission)
-         size: int = 101,               # image side in pixels
-         bs: int = 8,                   # batch size
-         lr: float = 3e-3,              # maximum learning rate
-         seed: int = 0):                # data, folds and training seed
+@delegates(run_demo)            # its parameters and their comments are the options and their help
+def demo(**kwargs):
     "K-fold training, fold ensemble with flip TTA and a submission, on generated salt-like data."
-    return run_demo(dest, arch, folds, epochs, n_images, n_test, size, bs, lr, seed)
+    return run_demo(**kwargs)
 
 @call_parse
 def train(data: str,                    # folder with images/ and the mask folder
