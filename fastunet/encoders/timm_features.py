@@ -38,9 +38,10 @@ class TimmEncoder(Encoder):
                  n_in: int = 3,                              # input channels: the stem is adapted as timm does
                  pretrained: bool = False,                   # download timm's pretrained weights
                  weights: str | Path | None = None,          # or load them from this local file
-                 out_indices: Sequence[int] | None = None):  # which of timm's feature levels to return (default: all)
+                 out_indices: Sequence[int] | None = None,   # which of timm's feature levels to return (default: all)
+                 **model_kwargs):                            # more options of timm's `create_model` (drop_path_rate, …)
         super().__init__()
-        kwargs = dict(in_chans=n_in, pretrained=pretrained or weights is not None)
+        kwargs = dict(model_kwargs, in_chans=n_in, pretrained=pretrained or weights is not None)
         if out_indices is not None: kwargs['out_indices'] = tuple(out_indices)
         if weights is not None:
             path = Path(weights)

@@ -19,11 +19,11 @@ def _ignore_index(loss_func) -> int | None:
     return None
 
 def check_segmentation_batch(x: torch.Tensor,          # a batch of images (B, C, H, W)
-                             y: torch.Tensor,          # its masks (B, H, W) of class codes, or soft targets (B, C, H, W)
+                             y: torch.Tensor,          # its masks (B, H, W) of class codes, or float targets (B, C, H, W): images or soft masks
                              n_in: int | None,         # the channels the model takes (None: whatever the data has)
                              n_out: int,               # the model's outputs: 1 (binary logit) or the number of classes
                              loss_func=None) -> None:  # the loss, whose `ignore_index` pixels are allowed
-    "Raise a clear `ValueError` if images or masks of a batch cannot train a U-Net with `n_in` inputs and `n_out` outputs."
+    "Raise a clear `ValueError` if the images and targets of a batch cannot train a U-Net with `n_in` inputs and `n_out` outputs."
     if x.ndim != 4: raise ValueError(f"images must be batches of shape (B, C, H, W); got {tuple(x.shape)}")
     if n_in is not None and x.shape[1] != n_in:
         raise ValueError(f"the images have {x.shape[1]} channel(s) but n_in={n_in}. Leave n_in out (it is read from the "
@@ -31,7 +31,11 @@ def check_segmentation_batch(x: torch.Tensor,          # a batch of images (B, C
     if y.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"masks are {tuple(y.shape[-2:])} but images are {tuple(x.shape[-2:])}: resize both with the "
                          f"same item_tfms (e.g. Resize) so that every pixel has a label")
-    if y.is_floating_point() and y.ndim == 4: return   # soft targets (B, C, H, W): no class codes to check
+    if y.is_floating_point() and y.ndim == 4:   # images (image-to-image) or soft targets: no class codes, one output per channel
+        if y.shape[1] != n_out:
+            raise ValueError(f"the targets have {y.shape[1]} channel(s) but the model predicts n_out={n_out}: leave n_out out (it is "
+                             f"read from image targets), or open the targets with the channels you mean (PILImageBW, PILImage)")
+        return
     values = sorted(int(v) for v in torch.unique(y))
     allowed_max = max(n_out - 1, 1)      # one logit means a binary target: 0 or 1
     ignore = _ignore_index(loss_func)

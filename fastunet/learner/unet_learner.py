@@ -14,12 +14,14 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import Normalize
 from fastai.learner import Learner, defaults
+from fastai.losses import MSELossFlat
 from fastai.optimizer import Adam
 from fastai.torch_core import TensorBase, params
 from fastai.vision.learner import get_c
 from fastcore.basics import ifnone, risinstance, store_attr
 from fastcore.meta import delegates
 
+from ..encoders.registry import from_scratch
 from .checks import check_segmentation_batch
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
@@ -48,14 +50,14 @@ class PlainTensorInput(Callback):
 # %% ../../nbs/25_learner.unet_learner.ipynb #9cf7d55e
 @delegates(UnetConfig)
 def more_dynamic_unet_learner(
-        dls: DataLoaders,                        # images and masks (e.g. `SegmentationDataLoaders`)
-        arch: str | Callable | nn.Module,        # the encoder: a timm or pretrainedmodels name, or a torchvision/fastai callable
+        dls: DataLoaders,                        # images and masks (e.g. `SegmentationDataLoaders`), or images and target images
+        arch: str | Callable | nn.Module,        # the encoder: 'unet' (from scratch), a timm or pretrainedmodels name, or a torchvision/fastai callable
         normalize: bool = True,                  # add `Normalize` with the encoder's pretrained statistics (when pretrained)
-        n_out: int | None = None,                # output channels (default: the data's number of classes)
-        pretrained: bool = True,                 # start the encoder from its library's pretrained weights, and freeze it
+        n_out: int | None = None,                # output channels (default: the data's number of classes, or the target images' channels)
+        pretrained: bool | None = None,          # start the encoder from its library's pretrained weights and freeze it (default: yes, except for 'unet')
         weights: str | Path | None = None,       # a local file of the classification network's weights (counts as pretrained)
-        config: UnetConfig | str | None = None,  # a `UnetConfig` or a preset name ('default', 'blog'); keywords override it
-        loss_func: Callable | None = None,       # the loss (default: the data's, `CrossEntropyLossFlat(axis=1)` for masks)
+        config: UnetConfig | str | None = None,  # a `UnetConfig` or a preset name ('default', 'blog', 'paper'); keywords override it
+        loss_func: Callable | None = None,       # the loss (default: the data's: `CrossEntropyLossFlat(axis=1)` for masks, `MSELossFlat()` for images)
         opt_func: Callable = Adam,               # optimiser, as in `Learner`
         lr: float = defaults.lr,                 # default learning rate
         splitter: Callable | None = None,        # parameter groups (default: `unet_splitter`, [encoder, decoder + head])
@@ -68,16 +70,22 @@ def more_dynamic_unet_learner(
         train_bn: bool = True,                   # train norm layers of the frozen encoder
         moms: tuple = (0.95, 0.85, 0.95),        # momentums of the one-cycle schedule
         n_in: int | None = None,                 # input channels: checked against the data when given, read from it otherwise
+        encoder_kwargs: dict | None = None,      # options of the encoder, e.g. dict(features=32, depth=4) for 'unet'
         check_data: bool = True,                 # refuse bad masks or channel counts on one batch, before building anything
         grad_checkpointing: bool = False,        # recompute activations in the backward pass: far less memory, ~1 more forward
         compile: bool | dict = False,            # compile the model in place; a dict is passed on, e.g. dict(fullgraph=True)
         **kwargs) -> Learner:
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
-    n_out = ifnone(n_out, get_c(dls))
-    if not n_out: raise ValueError("n_out is not set and cannot be read from the data: pass `codes` to MaskBlock or n_out=")
     x, y = dls.one_batch()[:2]
-    if check_data: check_segmentation_batch(x, y, n_in, n_out, ifnone(loss_func, getattr(dls, 'loss_func', None)))
-    model = MoreDynamicUnet(arch, n_out=n_out, n_in=x.shape[1], pretrained=pretrained, weights=weights, config=config, **kwargs)
+    image_targets = y.is_floating_point() and y.ndim == 4
+    n_out = n_out or get_c(dls) or (y.shape[1] if image_targets else None)
+    if not n_out: raise ValueError("n_out is not set and cannot be read from the data: pass `codes` to MaskBlock or n_out=")
+    loss_func = ifnone(loss_func, getattr(dls, 'loss_func', None))
+    if loss_func is None and image_targets: loss_func = MSELossFlat()
+    if check_data: check_segmentation_batch(x, y, n_in, n_out, loss_func)
+    pretrained = ifnone(pretrained, not from_scratch(arch))
+    model = MoreDynamicUnet(arch, n_out=n_out, n_in=x.shape[1], pretrained=pretrained, weights=weights, config=config,
+                            encoder_kwargs=encoder_kwargs, **kwargs)
     if grad_checkpointing: model.set_grad_checkpointing()
     if compile:
         model.compile(**({} if compile is True else compile))

@@ -19,31 +19,35 @@ __all__ = ['DecoderBlock', 'MiddleBlock']
 
 # %% ../../nbs/13_unet.blocks.ipynb #3e52ec9c
 class DecoderBlock(nn.Module):
-    "Upsample to the skip's size, (gate and) concatenate the skip, two conv-norm-acts, optional attention."
+    "Upsample to the skip's size, (gate and) concatenate the skip, two conv-norm-acts, optional attention and dropout."
     def __init__(self,
-                 in_channels: int,      # channels coming from the deeper stage
-                 skip_channels: int,    # channels of the skip it joins (0: none)
-                 stage: DecoderStage,   # its place in the plan: scale, stride and width
-                 config: UnetConfig):   # upsampling, attention, norm and activation
+                 in_channels: int,              # channels coming from the deeper stage
+                 skip_channels: int,            # channels of the skip it joins (0: none)
+                 stage: DecoderStage,           # its place in the plan: scale, stride and width
+                 config: UnetConfig,            # upsampling, attention, dropout, norm and activation
+                 blur: bool | None = None,      # blur after upsampling (default: `config.blur`; the model turns it off for a final stage)
+                 self_attention: bool = False): # self-attention after the convolutions (the model puts it in the stage at stride 8)
         super().__init__()
         early = config.conv_before_upsample and not skip_channels and stage.scale > 1
         conv = partial(ConvNormAct, norm=config.norm, act=config.act)
         self.pre = conv(in_channels, stage.width) if early else nn.Identity()
-        self.upsample = Upsample(stage.width if early else in_channels, stage.scale, config.upsample, config.blur, config.norm, config.act)
+        self.upsample = Upsample(stage.width if early else in_channels, stage.scale, config.upsample,
+                                 config.blur if blur is None else blur, config.norm, config.act)
         up = self.upsample.out_channels
         self.gate = AttentionGate(up, skip_channels, config.norm) if config.attention_gates and skip_channels else None
         self.convs = nn.Sequential(conv(up, stage.width)) if early else nn.Sequential(conv(up + skip_channels, stage.width),
                                                                                     conv(stage.width, stage.width))
         if config.attention == 'scse': self.attention = SCSE(stage.width)
-        elif config.attention == 'self' and stage.reduction >= 8: self.attention = SelfAttention(stage.width)
+        elif self_attention: self.attention = SelfAttention(stage.width)
         else: self.attention = nn.Identity()
+        self.dropout = nn.Dropout(config.decoder_dropout) if config.decoder_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         x = self.upsample(self.pre(x), size)
         if skip is not None:
             if self.gate is not None: skip = self.gate(skip, x)
             x = torch.cat([x, skip], dim=1)
-        return self.attention(self.convs(x))
+        return self.dropout(self.attention(self.convs(x)))
 
 class MiddleBlock(nn.Sequential):
     "conv c → s·c, optional self-attention, conv s·c → c, on the deepest features."

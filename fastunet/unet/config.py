@@ -9,14 +9,27 @@ import difflib
 import inspect
 from typing import Sequence
 
+from fastai.layers import NormType
 from fastcore.basics import store_attr
 
-from .layers import ACTIVATIONS, NORMS, UPSAMPLE_MODES
+from .layers import ACTIVATIONS, INITS, NORMS, UPSAMPLE_MODES
 
 # %% auto #0
-__all__ = ['UnetConfig']
+__all__ = ['FASTAI_ALIASES', 'UnetConfig']
 
 # %% ../../nbs/11_unet.config.ipynb #26294abe
+# fastai's `DynamicUnet` keywords that are spelled differently here
+FASTAI_ALIASES = {'self_attention': 'attention', 'act_cls': 'act', 'norm_type': 'norm'}
+_NORM_TYPES = {NormType.Batch: 'batch', NormType.BatchZero: 'batch', NormType.Instance: 'instance',
+               NormType.InstanceZero: 'instance', NormType.Weight: 'weight', NormType.Spectral: 'spectral'}
+
+def _name_of(value, names: dict, what: str):
+    "The name under which `value` (a class or function, as fastai passes them) stands in `names`."
+    if value is None or isinstance(value, str): return value
+    for name, known in names.items():
+        if value is known: return name
+    raise ValueError(f"{what} {value!r} has no name here: use one of {list(names)} (a name is what a fold record can store)")
+
 class UnetConfig:
     "How the decoder is built. Plain values only, so a model's configuration round-trips through JSON."
     def __init__(self,
@@ -27,15 +40,23 @@ class UnetConfig:
                  middle_attention: bool = False,    # self-attention in the middle block
                  upsample: str = 'nearest',         # 'pixel_shuffle' (ICNR), 'transposed', 'bilinear' or 'nearest'
                  conv_before_upsample: bool = True, # stages with no skip (a CNN's stride 2 → 1) convolve at the lower resolution first
-                 blur: bool = False,                # blur after pixel shuffle (removes checkerboard artefacts)
-                 attention: str | None = None,      # per decoder stage: 'scse', 'self' (stages at stride ≥ 8), or None
+                 blur: bool = False,                # blur after each upsampling (removes pixel shuffle's checkerboard)
+                 blur_final: bool = True,           # blur in the last stage too (with `blur`)
+                 attention: str | None = None,      # 'scse' in every decoder stage, 'self' in the stage at stride 8 (fastai's self_attention), or None
                  attention_gates: bool = False,     # additive attention gates on the skip connections
+                 decoder_dropout: float = 0.,       # dropout after each decoder stage (pix2pix's generator uses 0.5)
                  hypercolumns: bool = False,        # concatenate every stage, upsampled, before the head
-                 last_cross: bool = False,          # concatenate the input image before the head
-                 residual_head: bool = False,       # a residual block before the final 1×1 conv
-                 norm: str | None = 'batch',        # 'batch', 'instance', 'group' or None
-                 act: str | None = 'relu'):         # 'relu', 'leaky_relu', 'silu', 'gelu', 'mish', 'elu' or None
+                 last_cross: bool = False,          # concatenate the input image before the head, then a residual block (fastai's last_cross)
+                 residual_head: bool = False,       # a residual block before the final 1×1 conv (always there with last_cross)
+                 bottle: bool = False,              # that residual block narrows to half its width (fastai's bottle); adds it if absent
+                 y_range: tuple[float, float] | None = None,  # outputs squashed into (low, high) by a scaled sigmoid
+                 norm: str | NormType | None = 'batch',  # 'batch', 'instance', 'group', 'weight', 'spectral' or None (or a fastai `NormType`)
+                 act: str | type | None = 'relu',   # 'relu', 'leaky_relu', 'silu', 'gelu', 'mish', 'elu' or None (or one of their classes)
+                 init: str | None = None):          # decoder weights: 'kaiming_normal', … (see `INITS`; or the function), None: PyTorch's
         if not isinstance(decoder_widths, str): decoder_widths = [int(w) for w in decoder_widths]
+        if y_range is not None: y_range = tuple(float(v) for v in y_range)
+        norm = _NORM_TYPES.get(norm, norm) if isinstance(norm, NormType) else norm
+        act, init = _name_of(act, ACTIVATIONS, 'activation'), _name_of(init, INITS, 'init')
         store_attr()
         self._check()
 
@@ -47,6 +68,10 @@ class UnetConfig:
         if self.norm not in NORMS: raise ValueError(f"norm must be one of {NORMS}, not '{self.norm}'")
         if self.act is not None and self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {list(ACTIVATIONS)} or None, not '{self.act}'")
+        if self.init is not None and self.init not in INITS: raise ValueError(f"init must be one of {list(INITS)} or None, not '{self.init}'")
+        if not 0 <= self.decoder_dropout < 1: raise ValueError(f"decoder_dropout must be in [0, 1), not {self.decoder_dropout}")
+        if self.y_range is not None and (len(self.y_range) != 2 or not self.y_range[0] < self.y_range[1]):
+            raise ValueError(f"y_range must be (low, high) with low < high, not {self.y_range}")
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -56,10 +81,12 @@ class UnetConfig:
     def as_dict(self) -> dict: return {name: getattr(self, name) for name in self.fields()}
 
     def replace(self, **changes) -> UnetConfig:
-        "A copy with `changes`; an unknown option is named, with the closest known ones."
+        "A copy with `changes` (our fields, or fastai's `DynamicUnet` keywords); an unknown option is named, with the closest known ones."
+        changes = _from_fastai(changes)
         unknown = [k for k in changes if k not in self.fields()]
         if unknown:
-            hints = {k: difflib.get_close_matches(k, self.fields(), n=2) for k in unknown}
+            known = self.fields() + list(FASTAI_ALIASES)
+            hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
             raise TypeError('unknown U-Net option(s): ' + ', '.join(f"'{k}'" + (f" (did you mean {' or '.join(map(repr, h))}?)" if h else '')
                                                                for k, h in hints.items()))
         return type(self)(**{**self.as_dict(), **changes})
@@ -77,8 +104,25 @@ class UnetConfig:
                              last_cross=True, residual_head=True), **overrides})
 
     @classmethod
+    def paper(cls, **overrides) -> UnetConfig:
+        "The original U-Net's decoder (Ronneberger et al. 2015): 2×2 transposed up-convolutions halving the channels, widths equal to the skips."
+        return cls(**{**dict(decoder_widths='eq_skip', upsample='transposed'), **overrides})
+
+    @classmethod
     def preset(cls, name: str) -> UnetConfig:
-        "A configuration by name: 'default' or 'blog'."
-        presets = {'default': cls, 'blog': cls.blog}
+        "A configuration by name: 'default', 'blog' or 'paper'."
+        presets = {'default': cls, 'blog': cls.blog, 'paper': cls.paper}
         if name not in presets: raise ValueError(f"unknown config preset '{name}': choose one of {list(presets)}")
         return presets[name]()
+
+def _from_fastai(changes: dict) -> dict:
+    "fastai's keywords under our names; where both spellings are given they must agree."
+    changes = dict(changes)
+    if 'self_attention' in changes: changes['self_attention'] = 'self' if changes['self_attention'] else None
+    for alias, ours in FASTAI_ALIASES.items():
+        if alias not in changes: continue
+        value = changes.pop(alias)
+        if ours in changes and UnetConfig(**{ours: changes[ours]}) != UnetConfig(**{ours: value}):
+            raise TypeError(f"fastai's {alias}= and {ours}= disagree ({value!r} and {changes[ours]!r}): give one of them")
+        changes[ours] = value
+    return changes

@@ -6,8 +6,8 @@ attention gates and a residual block. Each is small and pure: `forward` stores n
 # %% ../../nbs/10_unet.layers.ipynb #9ee68bfd
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,34 +15,56 @@ import torch.nn.functional as F
 from fastai.layers import icnr_init
 
 # %% auto #0
-__all__ = ['NORMS', 'ACTIVATIONS', 'UPSAMPLE_MODES', 'norm_layer', 'act_layer', 'ConvNormAct', 'resize_to', 'pad_to_multiple',
-           'crop_pads', 'Upsample', 'SCSE', 'SelfAttention', 'AttentionGate', 'ResBlock']
+__all__ = ['NORMS', 'ACTIVATIONS', 'UPSAMPLE_MODES', 'INITS', 'norm_layer', 'act_layer', 'WeightNormConv2d', 'conv2d',
+           'ConvNormAct', 'resize_to', 'pad_to_multiple', 'crop_pads', 'Upsample', 'init_convs', 'SCSE',
+           'SelfAttention', 'AttentionGate', 'ResBlock']
 
 # %% ../../nbs/10_unet.layers.ipynb #281c639d
-NORMS = ('batch', 'instance', 'group', None)
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    'relu': lambda: nn.ReLU(inplace=True), 'leaky_relu': lambda: nn.LeakyReLU(0.01, inplace=True),
-    'silu': lambda: nn.SiLU(inplace=True), 'gelu': nn.GELU, 'mish': lambda: nn.Mish(inplace=True),
-    'elu': lambda: nn.ELU(inplace=True)}
+NORMS = ('batch', 'instance', 'group', 'weight', 'spectral', None)
+ACTIVATIONS: dict[str, type[nn.Module]] = {'relu': nn.ReLU, 'leaky_relu': nn.LeakyReLU, 'silu': nn.SiLU, 'gelu': nn.GELU,
+                                           'mish': nn.Mish, 'elu': nn.ELU}
 
 def norm_layer(name: str | None, channels: int) -> nn.Module:
-    "A 2D normalisation layer by name: 'batch', 'instance', 'group' (up to 32 groups) or None."
+    "A 2D normalisation layer by name: 'batch', 'instance', 'group' (up to 32 groups); identity for None and the weight norms."
     if name == 'batch': return nn.BatchNorm2d(channels)
     if name == 'instance': return nn.InstanceNorm2d(channels, affine=True)
     if name == 'group': return nn.GroupNorm(math.gcd(32, channels), channels)
-    if name is None: return nn.Identity()
+    if name in (None, 'weight', 'spectral'): return nn.Identity()
     raise ValueError(f"unknown norm '{name}': choose one of {NORMS}")
 
 def act_layer(name: str | None) -> nn.Module:
-    "An activation by name (see `ACTIVATIONS`), or identity for None."
+    "An activation by name (see `ACTIVATIONS`), in place where it can be, or identity for None."
     if name is None: return nn.Identity()
     if name not in ACTIVATIONS: raise ValueError(f"unknown activation '{name}': choose one of {list(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    cls = ACTIVATIONS[name]
+    return cls(inplace=True) if 'inplace' in inspect.signature(cls).parameters else cls()
+
+class WeightNormConv2d(nn.Conv2d):
+    "Conv2d with weight normalisation, w = g·v/‖v‖ per output channel (Salimans & Kingma 2016); pickles, unlike torch's parametrization."
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_g = nn.Parameter(torch.empty(self.out_channels, 1, 1, 1))
+        self.reset_gain()
+
+    def reset_gain(self) -> None:
+        "Set g = ‖v‖, so that the effective weight is `weight` as it stands (call it after re-initialising `weight`)."
+        with torch.no_grad(): self.weight_g.copy_(self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.weight
+        return self._conv_forward(x, self.weight_g * v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.bias)
+
+def conv2d(ni: int, nf: int, ks: int = 3, norm: str | None = 'batch', **kwargs) -> nn.Conv2d:
+    "A convolution for `norm`: no bias before a norm layer, reparametrised for 'weight' and 'spectral'."
+    bias = norm in (None, 'weight', 'spectral')
+    if norm == 'weight': return WeightNormConv2d(ni, nf, ks, bias=bias, **kwargs)
+    conv = nn.Conv2d(ni, nf, ks, bias=bias, **kwargs)
+    return nn.utils.spectral_norm(conv) if norm == 'spectral' else conv
 
 class ConvNormAct(nn.Sequential):
     "Conv2d (no bias when normalised) → norm → activation."
     def __init__(self, ni: int, nf: int, ks: int = 3, norm: str | None = 'batch', act: str | None = 'relu'):
-        super().__init__(nn.Conv2d(ni, nf, ks, padding=ks // 2, bias=norm is None), norm_layer(norm, nf), act_layer(act))
+        super().__init__(conv2d(ni, nf, ks, norm, padding=ks // 2), norm_layer(norm, nf), act_layer(act))
 
 # %% ../../nbs/10_unet.layers.ipynb #72361b82
 def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str = 'bilinear') -> torch.Tensor:
@@ -79,19 +101,43 @@ class Upsample(nn.Module):
         nf = self.out_channels
         if not learned: self.layers = nn.Identity()
         elif mode == 'pixel_shuffle':
-            conv = ConvNormAct(ni, nf * scale ** 2, ks=1, norm=norm, act=act)
-            with torch.no_grad():   # ICNR: every sub-pixel starts alike, so the layer starts as nearest-neighbour upsampling
-                conv[0].weight.copy_(icnr_init(conv[0].weight, scale=scale))
-                if conv[0].bias is not None: conv[0].bias.zero_()
-            blur_layers = [nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1)] if blur else []
-            self.layers = nn.Sequential(conv, nn.PixelShuffle(scale), *blur_layers)
+            self.layers = nn.Sequential(ConvNormAct(ni, nf * scale ** 2, ks=1, norm=norm, act=act), nn.PixelShuffle(scale))
+            self.init_icnr()
         else:
-            self.layers = nn.Sequential(nn.ConvTranspose2d(ni, nf, scale, stride=scale, bias=norm is None),
+            self.layers = nn.Sequential(nn.ConvTranspose2d(ni, nf, scale, stride=scale, bias=norm in (None, 'weight', 'spectral')),
                                         norm_layer(norm, nf), act_layer(act))
+        # fastai's blur: shift one pixel and average 2×2, which smooths the blocks an upsampler leaves
+        self.blur = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1)) if blur and scale > 1 else nn.Identity()
+
+    def init_icnr(self) -> None:
+        "ICNR: every sub-pixel starts alike, so a sub-pixel convolution starts as nearest-neighbour upsampling."
+        if self.mode != 'pixel_shuffle' or isinstance(self.layers, nn.Identity): return
+        conv = self.layers[0][0]
+        with torch.no_grad():
+            getattr(conv, 'weight_orig', conv.weight).copy_(icnr_init(conv.weight, scale=self.scale))
+            if conv.bias is not None: conv.bias.zero_()
+        if isinstance(conv, WeightNormConv2d): conv.reset_gain()
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if self.mode in ('bilinear', 'nearest'): return resize_to(x, size, self.mode)
-        return resize_to(self.layers(x), size)
+        if self.mode in ('bilinear', 'nearest'): return self.blur(resize_to(x, size, self.mode))
+        return self.blur(resize_to(self.layers(x), size))
+
+# %% ../../nbs/10_unet.layers.ipynb #ee042f88
+INITS = {'kaiming_normal': nn.init.kaiming_normal_, 'kaiming_uniform': nn.init.kaiming_uniform_,
+         'xavier_normal': nn.init.xavier_normal_, 'xavier_uniform': nn.init.xavier_uniform_, 'orthogonal': nn.init.orthogonal_}
+
+def init_convs(module: nn.Module, init: str | None) -> None:
+    "Re-initialise every convolution in `module` with `INITS[init]`, biases at zero, sub-pixel convolutions by ICNR (None: leave as is)."
+    if init is None: return
+    if init not in INITS: raise ValueError(f"unknown init '{init}': choose one of {list(INITS)} or None")
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            with torch.no_grad():
+                INITS[init](getattr(m, 'weight_orig', m.weight))     # spectral norm keeps the raw weight there
+                if m.bias is not None: m.bias.zero_()
+            if isinstance(m, WeightNormConv2d): m.reset_gain()
+    for m in module.modules():
+        if isinstance(m, Upsample): m.init_icnr()
 
 # %% ../../nbs/10_unet.layers.ipynb #e645e1b0
 class SCSE(nn.Module):
@@ -133,11 +179,12 @@ class AttentionGate(nn.Module):
         return skip * self.psi(self.skip_proj(skip) + self.gate_proj(gate))
 
 class ResBlock(nn.Module):
-    "Two 3×3 conv-norm(-act) layers with an identity shortcut."
-    def __init__(self, channels: int, norm: str | None = 'batch', act: str | None = 'relu'):
+    "Two 3×3 conv-norm(-act) layers with an identity shortcut; `hidden` narrows the middle (fastai's `bottle`)."
+    def __init__(self, channels: int, norm: str | None = 'batch', act: str | None = 'relu', hidden: int | None = None):
         super().__init__()
-        self.convs = nn.Sequential(ConvNormAct(channels, channels, norm=norm, act=act),
-                                   ConvNormAct(channels, channels, norm=norm, act=None))
+        hidden = hidden or channels
+        self.convs = nn.Sequential(ConvNormAct(channels, hidden, norm=norm, act=act),
+                                   ConvNormAct(hidden, channels, norm=norm, act=None))
         self.act = act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

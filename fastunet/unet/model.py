@@ -5,12 +5,14 @@
 # %% ../../nbs/14_unet.model.ipynb #802972aa
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastai.layers import SigmoidRange
 from fastcore.meta import delegates
 from torch.utils.checkpoint import checkpoint
 
@@ -18,8 +20,8 @@ from ..encoders.contract import Encoder
 from ..encoders.registry import create_encoder
 from .blocks import DecoderBlock, MiddleBlock
 from .config import UnetConfig
-from .layers import ResBlock, SelfAttention, crop_pads, pad_to_multiple
-from .plan import plan_decoder, show_decoder_plan
+from .layers import ResBlock, SelfAttention, crop_pads, init_convs, pad_to_multiple
+from .plan import DecoderStage, plan_decoder, show_decoder_plan
 
 # %% auto #0
 __all__ = ['MoreDynamicUnet']
@@ -30,19 +32,26 @@ def _scaled_size(height, width, reduction: float) -> tuple[int, int]:
     if float(reduction).is_integer(): return height // int(reduction), width // int(reduction)
     return int(height / reduction + 0.5), int(width / reduction + 0.5)
 
+def _self_attention_stage(stages: list[DecoderStage]) -> int:
+    "The stage fastai's `self_attention` sits in: the one at stride 8 (or nearest to it, the deeper on a tie)."
+    return min(range(len(stages)), key=lambda i: abs(math.log2(stages[i].reduction) - 3))
+
 class MoreDynamicUnet(nn.Module):
-    "A U-Net on any timm, pretrainedmodels or torchvision encoder; any input size in, the same size out."
+    "A U-Net on any timm, pretrainedmodels or torchvision encoder, or the built-in 'unet'; any input size in, the same size out."
     @delegates(UnetConfig)
     def __init__(self,
-                 encoder: Encoder | str | Callable | nn.Module,  # an `Encoder`, or what `create_encoder` takes: 'resnet34', resnet34, …
-                 n_out: int = 1,                               # output channels: 1 for a binary logit, C for C classes
+                 encoder: Encoder | str | Callable | nn.Module,  # an `Encoder`, or what `create_encoder` takes: 'resnet34', resnet34, 'unet', …
+                 n_out: int = 1,                               # output channels: 1 for a binary logit, C for C classes or colour channels
                  n_in: int = 3,                                # input channels (when the encoder is made here)
                  pretrained: bool = False,                     # start the encoder from its library's pretrained weights
                  weights: str | Path | None = None,            # or from this local weights file
-                 config: UnetConfig | str | None = None,       # a `UnetConfig`, or a preset name: 'default', 'blog'
-                 **kwargs):                                    # `UnetConfig` fields, overriding `config`'s
+                 config: UnetConfig | str | None = None,       # a `UnetConfig`, or a preset name: 'default', 'blog', 'paper'
+                 encoder_kwargs: dict | None = None,           # options of the encoder, e.g. dict(features=32, depth=4) for 'unet'
+                 **kwargs):                                    # `UnetConfig` fields (or fastai's `DynamicUnet` keywords), overriding `config`'s
         super().__init__()
-        if not isinstance(encoder, Encoder): encoder = create_encoder(encoder, n_in=n_in, pretrained=pretrained, weights=weights)
+        if not isinstance(encoder, Encoder):
+            encoder = create_encoder(encoder, n_in=n_in, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
+        elif encoder_kwargs: raise ValueError("encoder_kwargs apply when the encoder is made here, not to a ready `Encoder`")
         if isinstance(config, str): config = UnetConfig.preset(config)
         self.config = (config or UnetConfig()).replace(**kwargs)
         self.encoder, self.n_out = encoder, n_out
@@ -52,16 +61,23 @@ class MoreDynamicUnet(nn.Module):
         if config.middle_scale: self.middle = MiddleBlock(deepest, config.middle_scale, config.middle_attention, config)
         elif config.middle_attention: self.middle = SelfAttention(deepest)
         else: self.middle = nn.Identity()
+        attended = _self_attention_stage(self.stages) if config.attention == 'self' else None
         blocks, in_channels = [], deepest
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             skip_channels = channels[stage.skip_index] if stage.skip_index is not None else 0
-            blocks.append(DecoderBlock(in_channels, skip_channels, stage, config))
+            final = i == len(self.stages) - 1
+            blocks.append(DecoderBlock(in_channels, skip_channels, stage, config, blur=config.blur and (config.blur_final or not final),
+                                       self_attention=i == attended))
             in_channels = stage.width
         self.blocks = nn.ModuleList(blocks)
         head_in = sum(s.width for s in self.stages) if config.hypercolumns else in_channels
         if config.last_cross: head_in += self.n_in
-        self.residual = ResBlock(head_in, config.norm, config.act) if config.residual_head else nn.Identity()
+        if config.residual_head or config.last_cross or config.bottle:
+            self.residual = ResBlock(head_in, config.norm, config.act, hidden=max(head_in // 2, 1) if config.bottle else None)
+        else: self.residual = nn.Identity()
         self.head = nn.Conv2d(head_in, n_out, kernel_size=1)
+        self.output = SigmoidRange(*config.y_range) if config.y_range else nn.Identity()
+        for part in (self.middle, self.blocks, self.residual, self.head): init_convs(part, config.init)
         self.checkpoint_decoder = self.checkpoint_whole_encoder = False
 
     @property
@@ -98,4 +114,4 @@ class MoreDynamicUnet(nn.Module):
             out = torch.cat([F.interpolate(o, size=(height, width), mode='bilinear', align_corners=False)
                              for o in stage_outputs[:-1]] + [out], dim=1)
         if self.config.last_cross: out = torch.cat([out, padded], dim=1)
-        return crop_pads(self.head(self.residual(out)), pads)
+        return self.output(crop_pads(self.head(self.residual(out)), pads))
