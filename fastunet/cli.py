@@ -28,10 +28,19 @@ def demo(**kwargs):
     "K-fold training, fold ensemble with flip TTA and a submission, on generated salt-like data."
     return run_demo(**kwargs)
 
+def _json_options(flag: str, text: str | None) -> dict | None:
+    "A JSON object given on the command line, or a message that shows what it should look like."
+    if text is None: return None
+    try: options = json.loads(text)
+    except json.JSONDecodeError as e: options = e
+    if not isinstance(options, dict):
+        raise SystemExit(f"{flag} must be a JSON object such as '{{\"features\": 32, \"depth\": 4}}', not {text!r}")
+    return options
+
 @call_parse
 def train(data: str,                    # folder with images/ and the mask folder
           out: str = 'fastunet_run',    # folder for folds.csv, models/ (fold weights and records) and report.json
-          arch: str = 'resnet34',       # encoder: a timm or pretrainedmodels name
+          arch: str = 'resnet34',       # encoder: a timm or pretrainedmodels name, or 'unet' (the original U-Net, from scratch)
           folds: int = 5,               # number of folds
           fold: int = None,             # train only this fold (one process per fold, e.g. on a cluster)
           epochs: int = 10,             # one-cycle epochs per fold
@@ -41,11 +50,14 @@ def train(data: str,                    # folder with images/ and the mask folde
           mask_folder: str = 'masks',   # the masks' folder, beside images/
           binary_masks: bool = False,   # masks are 0/255 images: read values above 127 as foreground
           pretrained: bool = False,     # start from the encoder's pretrained weights (needs the network)
-          seed: int = 42):              # folds and training seed
+          seed: int = 42,               # folds and training seed
+          config: str = 'default',      # the decoder's preset: 'default', 'blog' or 'paper' (the original U-Net's)
+          encoder_kwargs: str = None):  # the encoder's options as JSON, e.g. '{"features": 32, "depth": 4}' for --arch unet
     """Train (or resume) k folds on a folder of images and masks. Under `torchrun` / `accelerate launch`
     each fold trains data-parallel (DDP); with --fold K, folds spread over processes, GPUs or array jobs."""
     out = Path(out)
-    report = run_training(Path(data), out, arch, folds, epochs, lr, bs, seed, mask_folder, binary_masks, crop, fold, pretrained)
+    report = run_training(Path(data), out, arch, folds, epochs, lr, bs, seed, mask_folder, binary_masks, crop, fold, pretrained,
+                          config, _json_options('--encoder-kwargs', encoder_kwargs))
     if is_main_process():
         atomic_write(out / 'report.json', lambda p: p.write_text(json.dumps(report, indent=1)))
         print(pd.DataFrame(report['cv']).to_string(index=False))

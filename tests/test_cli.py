@@ -88,3 +88,35 @@ def test_train_and_predict_on_isbi(tmp_path):
     assert [image_id for image_id, _ in rows] == ['00', '01', '02']
     masks = ensemble_masks(tmp_path / 'models', list_images(test_images), 0.5, 0)
     for (_, rle), mask in zip(rows, masks): np.testing.assert_array_equal(rle_decode(rle, (512, 512)), mask.numpy())
+
+
+def test_train_and_predict_a_unet_from_scratch(data_factory, tmp_path):
+    "--arch unet with the paper's decoder and encoder options: trained, recorded, ensembled into a submission."
+    data = data_factory(1, 2, size=(64, 64), n_images=12)
+    out = tmp_path / 'run'
+    train = subprocess.run([fastunet_command(), 'train', str(data), '--out', str(out), '--arch', 'unet', '--config', 'paper',
+                            '--encoder-kwargs', '{"features": 8, "depth": 3}', '--folds', '2', '--epochs', '1', '--bs', '4'],
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    record = json.loads((out / 'models' / 'fold_1.json').read_text())
+    assert (record['arch'], record['encoder_kwargs'], record['config']['upsample']) == ('unet', {'features': 8, 'depth': 3}, 'transposed')
+    submission = tmp_path / 'submission.csv'
+    predict = subprocess.run([fastunet_command(), 'predict', str(out / 'models'), str(data / 'images'), '--out', str(submission)],
+                             capture_output=True, text=True, timeout=600)
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    images = list_images(data / 'images')
+    chosen = json.loads((out / 'models' / 'threshold.json').read_text())
+    masks = ensemble_masks(out / 'models', images, chosen['threshold'], chosen['min_area'])
+    rows = submission_rows(submission)
+    assert [r[0] for r in rows] == [p.stem for p in images]
+    for (_, rle), mask in zip(rows, masks): assert np.array_equal(rle_decode(rle, mask.shape), mask.numpy())
+
+
+@pytest.mark.parametrize('options', ['features=8', '[8, 3]'])
+def test_encoder_kwargs_that_are_not_a_json_object_are_refused(data_factory, tmp_path, options):
+    data = data_factory(1, 2, size=(64, 64), n_images=12)
+    result = subprocess.run([fastunet_command(), 'train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'unet',
+                             '--encoder-kwargs', options], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert '--encoder-kwargs must be a JSON object' in result.stderr
+    assert not (tmp_path / 'run').exists()                                   # refused before anything was written

@@ -175,3 +175,9 @@ def test_encoder_info_refuses_bad_records(bad, message):
     fields = dict(name='test:record', n_in=3, channels=[8, 16], reductions=[2, 4], size_divisor=4, stats=([0.5] * 3, [0.25] * 3))
     with pytest.raises(ValueError, match=message):
         EncoderInfo(**{**fields, **bad})
+
+
+@pytest.mark.parametrize('n_in', [1, 3])
+def test_unet_from_scratch_keeps_the_contract(n_in):
+    model = check_unet('unet', n_in)
+    assert model.encoder.channels == [64, 128, 256, 512, 1024] and model.encoder.reductions == [1, 2, 4, 8, 16]

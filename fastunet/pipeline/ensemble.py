@@ -43,7 +43,7 @@ class FoldEnsemble:
         records, models = load_fold_records(model_dir), []
         for record in records:
             model = MoreDynamicUnet(resolve_arch(record['arch']), n_out=record['n_out'], n_in=record['n_in'], pretrained=False,
-                                    config=UnetConfig(**record['config']))
+                                    config=UnetConfig(**record['config']), encoder_kwargs=record['encoder_kwargs'])
             weights = fold_paths(model_dir, record['fold'])['weights']
             if not weights.exists(): raise FileNotFoundError(f"fold {record['fold']} has a record but no weights '{weights}'")
             try: model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))

@@ -17,8 +17,9 @@ from .files import atomic_write
 __all__ = ['MUST_AGREE', 'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'out_of_fold']
 
 # %% ../../nbs/33_pipeline.records.ipynb #de5c3c3e
-MUST_AGREE = ('arch', 'n_in', 'n_out', 'config', 'normalize', 'activation')   # what makes folds one model
-_REQUIRED = ('fold', 'valid_index', 'score', *MUST_AGREE)
+MUST_AGREE = ('arch', 'encoder_kwargs', 'n_in', 'n_out', 'config', 'normalize', 'activation')   # what makes folds one model
+_DEFAULTS = {'encoder_kwargs': {}}          # fields added since records were first written, with their meaning then
+_REQUIRED = tuple(k for k in ('fold', 'valid_index', 'score', *MUST_AGREE) if k not in _DEFAULTS)
 
 def fold_paths(out_dir: str | Path, fold: int) -> dict[str, Path]:
     "The files of fold `fold` in `out_dir`: 'weights', 'oof' and 'record'."
@@ -38,7 +39,7 @@ def _read_records(out_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError as e: raise ValueError(f"fold record '{path}' is not valid JSON ({e}): retrain that fold") from e
         missing = [key for key in _REQUIRED if key not in record]
         if missing: raise ValueError(f"fold record '{path}' lacks {missing} (written by another version of fastunet?): retrain that fold")
-        records.append(record)
+        records.append({**_DEFAULTS, **record})
     return sorted(records, key=lambda r: r['fold'])
 
 def load_fold_records(model_dir: str | Path) -> list[dict]:

@@ -103,7 +103,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         atomic_write(paths['weights'], lambda p: torch.save(learn.model.state_dict(), p))
         model = learn.model
         save_fold_record(out_dir, dict(
-            fold=fold, n_folds=len(all_folds), arch=arch_name(arch), n_in=model.n_in, n_out=model.n_out,
+            fold=fold, n_folds=len(all_folds), arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs, n_in=model.n_in, n_out=model.n_out,
             config=model.config.as_dict(), normalize=_normalize_stats(dls), activation=activation_name(learn.loss_func, model.n_out),
             monitor=monitor, score=float(keep_best.best), best_epoch=keep_best.best_epoch, epochs=epochs, lr=lr,
             fine_tune=fine_tune, valid_index=valid_idx.tolist(), seconds=round(time.time() - start, 1), versions=_versions()))

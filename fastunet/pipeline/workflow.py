@@ -61,7 +61,9 @@ def run_training(data: Path,                    # folder with images/ and the ma
                  binary_masks: bool = False,    # masks are 0/255 images
                  crop: int | None = None,       # train on random crops of this size
                  fold: int | None = None,       # train only this fold
-                 pretrained: bool = False       # start from the encoder's pretrained weights
+                 pretrained: bool = False,      # start from the encoder's pretrained weights
+                 config: str = 'default',       # the decoder's preset: 'default', 'blog' or 'paper'
+                 encoder_kwargs: dict | None = None  # options of the encoder, e.g. dict(features=32) for arch 'unet'
                  ) -> dict:
     "Folds (stratified by mask coverage), k-fold training, threshold search on the out-of-fold predictions; a report."
     images = list_images(data / 'images')
@@ -78,7 +80,7 @@ def run_training(data: Path,                    # folder with images/ and the ma
     dblock = segmentation_block(image_channels(images[0]), mask_folder, binary_masks, crop)
     cv = train_folds(dblock, df, arch, out / 'models', epochs=epochs, lr=lr, bs=bs, monitor='tgs_metric',
                      folds=None if fold is None else [fold], dls_kwargs=dict(num_workers=0, seed=seed),
-                     learner_kwargs=dict(n_out=1, pretrained=pretrained, loss_func=BCELovaszLoss(),
+                     learner_kwargs=dict(n_out=1, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs, loss_func=BCELovaszLoss(),
                                          metrics=[TGSMetric(), BinaryIoU()]))
     report = dict(cv=cv.to_dict(orient='records'))
     # every fold done (and OOF predictions at full size, not crops): choose the threshold on all of them

@@ -54,7 +54,7 @@ class MoreDynamicUnet(nn.Module):
         elif encoder_kwargs: raise ValueError("encoder_kwargs apply when the encoder is made here, not to a ready `Encoder`")
         if isinstance(config, str): config = UnetConfig.preset(config)
         self.config = (config or UnetConfig()).replace(**kwargs)
-        self.encoder, self.n_out = encoder, n_out
+        self.encoder, self.n_out, self.encoder_kwargs = encoder, n_out, dict(encoder_kwargs or {})   # the record stores them
         config, channels = self.config, encoder.channels
         self.stages = plan_decoder(encoder.reductions, channels, config)
         deepest = channels[-1]
