@@ -10,6 +10,7 @@ from .encoders.weights import *
 from .encoders.contract import *
 from .encoders.timm_features import *
 from .encoders.traced import *
+from .encoders.scratch import *
 from .encoders.registry import *
 from .unet.layers import *
 from .unet.config import *
@@ -30,13 +31,13 @@ from .pipeline.records import *
 from .pipeline.training import *
 from .pipeline.ensemble import *
 from .pipeline.submission import *
-from .encoders import weights, contract, timm_features, traced, registry
+from .encoders import weights, contract, timm_features, traced, scratch, registry
 from .unet import layers, config, plan, blocks, model
 from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed
 from .pipeline import files, splits, tta, records, training, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, contract, timm_features, traced, registry, layers, config, plan, blocks, model,
+__all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, model,
                               losses, metrics, synthetic, data, checks, unet_learner, distributed,
                               files, splits, tta, records, training, ensemble, submission)
            for name in module.__all__]

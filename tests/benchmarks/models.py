@@ -22,6 +22,7 @@ class Candidate:
     options: dict = field(default_factory=dict)    # fastunet configuration keywords
     grad_checkpointing: bool = False               # fastunet: recompute activations in the backward pass
     accuracy: bool = True                          # False: the same function as another row, measured for speed/memory only
+    arch: str | None = None                        # fastunet: this encoder instead of the run's (e.g. 'unet', from scratch)
 
     def model(self, encoder: str, n_in: int, n_out: int, size: int) -> nn.Module:
         if self.library == 'fastai':
@@ -31,7 +32,7 @@ class Candidate:
             import segmentation_models_pytorch as smp
             return smp.Unet(encoder, encoder_weights=None, in_channels=n_in, classes=n_out)
         from fastunet.unet.model import MoreDynamicUnet
-        model = MoreDynamicUnet(_torchvision(encoder), n_out=n_out, n_in=n_in, **self.options)
+        model = MoreDynamicUnet(self.arch or _torchvision(encoder), n_out=n_out, n_in=n_in, **self.options)
         if self.grad_checkpointing: model.set_grad_checkpointing()
         return model
 
@@ -40,7 +41,7 @@ class Candidate:
         if self.library == 'fastai': return unet_learner(dls, _torchvision(encoder), pretrained=False, n_in=n_in, **kwargs)
         if self.library == 'smp': return Learner(dls, self.model(encoder, n_in, get_c(dls), 0), **kwargs)
         from fastunet.learner.unet_learner import more_dynamic_unet_learner
-        return more_dynamic_unet_learner(dls, _torchvision(encoder), pretrained=False, n_in=n_in,
+        return more_dynamic_unet_learner(dls, self.arch or _torchvision(encoder), pretrained=False, n_in=n_in,
                                          grad_checkpointing=self.grad_checkpointing, **self.options, **kwargs)
 
 
@@ -56,6 +57,9 @@ MODELS: dict[str, Candidate] = {
 VARIANTS: dict[str, Candidate] = {
     'fastunet bilinear': Candidate('fastunet', dict(upsample='bilinear', conv_before_upsample=False)),
     'fastunet nearest': Candidate('fastunet', dict(upsample='nearest', conv_before_upsample=False)),
+    # the original U-Net from scratch, at half the paper's widths (features 32: 24 GFLOPs at 256², the paper's 64 costs 96)
+    "fastunet 'unet' (32 features), config='paper'": Candidate('fastunet', dict(config='paper', encoder_kwargs=dict(features=32)),
+                                                               arch='unet'),
 }
 REFERENCE = 'smp Unet'
 
