@@ -120,3 +120,13 @@ def test_encoder_kwargs_that_are_not_a_json_object_are_refused(data_factory, tmp
     assert result.returncode != 0
     assert '--encoder-kwargs must be a JSON object' in result.stderr
     assert not (tmp_path / 'run').exists()                                   # refused before anything was written
+
+
+@pytest.mark.parametrize('options, message', [(['--config', 'papr'], "unknown config preset 'papr'"),
+                                              (['--pretrained'], 'trains from scratch: leave out --pretrained')])
+def test_bad_unet_options_are_refused_before_any_work(data_factory, tmp_path, options, message):
+    data = data_factory(1, 2, size=(64, 64), n_images=12)
+    result = subprocess.run([fastunet_command(), 'train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'unet', *options],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / 'run').exists()

@@ -63,13 +63,31 @@ def test_fastai_keywords_mean_what_they_mean_in_fastai(gray_dls):
     stages_with_attention = [s.reduction for s, b in zip(model.stages, model.blocks) if type(b.attention).__name__ == 'SelfAttention']
     assert stages_with_attention == [8]                                       # one self-attention layer, at stride 8
     blurred = [not isinstance(b.upsample.blur, nn.Identity) for b in model.blocks]
-    assert blurred[:-1] == [True] * (len(blurred) - 1) and blurred[-1] is False
+    joins_skip = [s.skip_index is not None for s in model.stages]
+    last_join = max(i for i, joins in enumerate(joins_skip) if joins)
+    assert blurred == [joins and i != last_join for i, joins in enumerate(joins_skip)]   # fastai's UnetBlocks but the last
+    assert blurred.count(True) == 3
     with torch.no_grad(): out = model(gray_dls.one_batch()[0] * 50)        # large inputs: outputs still within y_range
     assert -3 <= out.min() and out.max() <= 3 and out.max() - out.min() > 1      # sigmoid saturates at the bounds
     assert model.residual.convs[0][0].out_channels == model.residual.convs[0][0].in_channels // 2   # bottle
     assert model.residual.convs[0][0].in_channels == model.blocks[-1].convs[-1][0].out_channels + 1  # last_cross: + the input
     assert any(isinstance(m, nn.Mish) for m in model.blocks.modules())
     assert all(isinstance(m, WeightNormConv2d) for b in model.blocks for m in b.convs.modules() if isinstance(m, nn.Conv2d))
+    assert isinstance(model.head, WeightNormConv2d)                          # fastai's head is a ConvLayer with norm_type too
+
+
+def decoder_conv_std(model) -> float:
+    return torch.cat([m.weight.detach().flatten() for m in model.blocks.modules() if isinstance(m, nn.Conv2d)]).std().item()
+
+
+def test_init_reinitialises_the_decoder_and_leaves_the_encoder(gray_dls):
+    torch.manual_seed(0)
+    plain = more_dynamic_unet_learner(gray_dls, 'resnet10t', pretrained=False).model
+    torch.manual_seed(0)
+    kaiming = more_dynamic_unet_learner(gray_dls, 'resnet10t', pretrained=False, init=nn.init.kaiming_normal_).model
+    assert decoder_conv_std(kaiming) > 2 * decoder_conv_std(plain)          # kaiming_normal: √6 times PyTorch's default spread
+    for (name, a), b in zip(plain.encoder.state_dict().items(), kaiming.encoder.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_fastai_and_our_spelling_must_agree(gray_dls):
@@ -190,6 +208,7 @@ def test_unet_from_scratch_with_fastai_keywords_round_trips_through_fold_records
     assert record['config']['attention'] == 'self' and record['config']['act'] == 'mish' and record['config']['norm'] == 'spectral'
     ensemble = FoldEnsemble.from_dir(tmp_path, device='cpu')                  # rebuilt from the record, weights loaded strictly
     assert ensemble.models[0].encoder.channels == [8, 16, 32, 64]
+    assert all(hasattr(b.upsample.layers[0], 'weight_orig') for b in ensemble.models[0].blocks)   # spectral up-convolutions
     valid = list(df['item'][df.fold == 0])
     oof = torch.from_numpy(np.load(fold_paths(tmp_path, 0)['oof']).astype(np.float32))
     torch.testing.assert_close(ensemble.predict(valid, tta=False, progress=False), oof, atol=2e-3, rtol=1e-2)

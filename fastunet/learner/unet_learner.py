@@ -16,7 +16,7 @@ from fastai.data.transforms import Normalize
 from fastai.learner import Learner, defaults
 from fastai.losses import MSELossFlat
 from fastai.optimizer import Adam
-from fastai.torch_core import TensorBase, params
+from fastai.torch_core import TensorBase, TensorImage, params
 from fastai.vision.learner import get_c
 from fastcore.basics import ifnone, risinstance, store_attr
 from fastcore.meta import delegates
@@ -77,7 +77,7 @@ def more_dynamic_unet_learner(
         **kwargs) -> Learner:
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
     x, y = dls.one_batch()[:2]
-    image_targets = y.is_floating_point() and y.ndim == 4
+    image_targets = isinstance(y, TensorImage)          # an `ImageBlock` target (a soft `TensorMask` is not one)
     n_out = n_out or get_c(dls) or (y.shape[1] if image_targets else None)
     if not n_out: raise ValueError("n_out is not set and cannot be read from the data: pass `codes` to MaskBlock or n_out=")
     loss_func = ifnone(loss_func, getattr(dls, 'loss_func', None))

@@ -13,6 +13,8 @@ import pandas as pd
 
 from .files import atomic_write
 
+from ..unet.config import UnetConfig
+
 # %% auto #0
 __all__ = ['MUST_AGREE', 'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'out_of_fold']
 
@@ -39,7 +41,9 @@ def _read_records(out_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError as e: raise ValueError(f"fold record '{path}' is not valid JSON ({e}): retrain that fold") from e
         missing = [key for key in _REQUIRED if key not in record]
         if missing: raise ValueError(f"fold record '{path}' lacks {missing} (written by another version of fastunet?): retrain that fold")
-        records.append({**_DEFAULTS, **record})
+        record = {**_DEFAULTS, **record}
+        record['config'] = UnetConfig(**record['config']).as_dict()   # options added since then, at their defaults, compare equal
+        records.append(record)
     return sorted(records, key=lambda r: r['fold'])
 
 def load_fold_records(model_dir: str | Path) -> list[dict]:

@@ -17,6 +17,8 @@ from fastai.data.transforms import ColReader
 from fastai.vision.augment import Flip, RandomCrop, Resize
 from fastai.vision.data import ImageBlock, MaskBlock
 
+from ..encoders.registry import from_scratch
+from ..unet.config import UnetConfig
 from ..learner.data import MaskFromFolder, image_channels, image_class
 from ..learner.distributed import barrier, is_main_process
 from ..learner.losses import BCELovaszLoss
@@ -66,6 +68,8 @@ def run_training(data: Path,                    # folder with images/ and the ma
                  encoder_kwargs: dict | None = None  # options of the encoder, e.g. dict(features=32) for arch 'unet'
                  ) -> dict:
     "Folds (stratified by mask coverage), k-fold training, threshold search on the out-of-fold predictions; a report."
+    UnetConfig.preset(config)                            # a misspelt preset or a pretrained 'unet': refused before any work
+    if pretrained and from_scratch(arch): raise ValueError(f"--arch {arch} trains from scratch: leave out --pretrained")
     images = list_images(data / 'images')
     if not images: raise FileNotFoundError(f"no images in '{data / 'images'}'")
     mask_of = MaskFromFolder(mask_folder, binary=binary_masks)

@@ -82,7 +82,7 @@ class UnetConfig:
 
     def replace(self, **changes) -> UnetConfig:
         "A copy with `changes` (our fields, or fastai's `DynamicUnet` keywords); an unknown option is named, with the closest known ones."
-        changes = _from_fastai(changes)
+        changes = _from_fastai(changes, self)
         unknown = [k for k in changes if k not in self.fields()]
         if unknown:
             known = self.fields() + list(FASTAI_ALIASES)
@@ -115,10 +115,15 @@ class UnetConfig:
         if name not in presets: raise ValueError(f"unknown config preset '{name}': choose one of {list(presets)}")
         return presets[name]()
 
-def _from_fastai(changes: dict) -> dict:
+def _from_fastai(changes: dict, current: UnetConfig) -> dict:
     "fastai's keywords under our names; where both spellings are given they must agree."
     changes = dict(changes)
-    if 'self_attention' in changes: changes['self_attention'] = 'self' if changes['self_attention'] else None
+    if 'self_attention' in changes and not changes['self_attention']:    # False: no self-attention; scSE stays
+        changes.pop('self_attention')
+        if changes.get('attention', current.attention) == 'self':
+            if changes.get('attention') == 'self': raise TypeError("self_attention=False and attention='self' disagree: give one of them")
+            changes['attention'] = None
+    elif 'self_attention' in changes: changes['self_attention'] = 'self'
     for alias, ours in FASTAI_ALIASES.items():
         if alias not in changes: continue
         value = changes.pop(alias)

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from fastai.layers import icnr_init
 
 # %% auto #0
-__all__ = ['NORMS', 'ACTIVATIONS', 'UPSAMPLE_MODES', 'INITS', 'norm_layer', 'act_layer', 'WeightNormConv2d', 'conv2d',
-           'ConvNormAct', 'resize_to', 'pad_to_multiple', 'crop_pads', 'Upsample', 'init_convs', 'SCSE',
-           'SelfAttention', 'AttentionGate', 'ResBlock']
+__all__ = ['NORMS', 'REPARAMETRISED', 'ACTIVATIONS', 'UPSAMPLE_MODES', 'INITS', 'norm_layer', 'act_layer', 'WeightNormConv2d',
+           'WeightNormConvTranspose2d', 'conv2d', 'ConvNormAct', 'resize_to', 'pad_to_multiple', 'crop_pads',
+           'Upsample', 'init_convs', 'SCSE', 'SelfAttention', 'AttentionGate', 'ResBlock']
 
 # %% ../../nbs/10_unet.layers.ipynb #281c639d
 NORMS = ('batch', 'instance', 'group', 'weight', 'spectral', None)
+REPARAMETRISED = ('weight', 'spectral')   # norms of the convolution itself: no norm layer, a bias
 ACTIVATIONS: dict[str, type[nn.Module]] = {'relu': nn.ReLU, 'leaky_relu': nn.LeakyReLU, 'silu': nn.SiLU, 'gelu': nn.GELU,
                                            'mish': nn.Mish, 'elu': nn.ELU}
 
@@ -29,7 +30,7 @@ def norm_layer(name: str | None, channels: int) -> nn.Module:
     if name == 'batch': return nn.BatchNorm2d(channels)
     if name == 'instance': return nn.InstanceNorm2d(channels, affine=True)
     if name == 'group': return nn.GroupNorm(math.gcd(32, channels), channels)
-    if name in (None, 'weight', 'spectral'): return nn.Identity()
+    if name is None or name in REPARAMETRISED: return nn.Identity()
     raise ValueError(f"unknown norm '{name}': choose one of {NORMS}")
 
 def act_layer(name: str | None) -> nn.Module:
@@ -39,27 +40,44 @@ def act_layer(name: str | None) -> nn.Module:
     cls = ACTIVATIONS[name]
     return cls(inplace=True) if 'inplace' in inspect.signature(cls).parameters else cls()
 
-class WeightNormConv2d(nn.Conv2d):
-    "Conv2d with weight normalisation, w = g·v/‖v‖ per output channel (Salimans & Kingma 2016); pickles, unlike torch's parametrization."
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weight_g = nn.Parameter(torch.empty(self.out_channels, 1, 1, 1))
-        self.reset_gain()
+class _WeightNorm:
+    "Weight normalisation, w = g·v/‖v‖ per output channel (Salimans & Kingma 2016); pickles, unlike torch's parametrization."
+    out_dim = 0                                      # the weight's output-channel dimension
+
+    def _norm(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(v, dim=[d for d in range(v.ndim) if d != self.out_dim], keepdim=True).clamp_min(1e-12)
 
     def reset_gain(self) -> None:
         "Set g = ‖v‖, so that the effective weight is `weight` as it stands (call it after re-initialising `weight`)."
-        with torch.no_grad(): self.weight_g.copy_(self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        with torch.no_grad():
+            if not hasattr(self, 'weight_g'): self.weight_g = nn.Parameter(torch.empty_like(self._norm(self.weight)))
+            self.weight_g.copy_(self._norm(self.weight))
 
+    def normalised_weight(self) -> torch.Tensor: return self.weight_g * self.weight / self._norm(self.weight)
+
+class WeightNormConv2d(_WeightNorm, nn.Conv2d):
+    "`nn.Conv2d` with weight normalisation (fastai's `NormType.Weight`)."
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reset_gain()
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self._conv_forward(x, self.normalised_weight(), self.bias)
+
+class WeightNormConvTranspose2d(_WeightNorm, nn.ConvTranspose2d):
+    "`nn.ConvTranspose2d` with weight normalisation."
+    out_dim = 1
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reset_gain()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.weight
-        return self._conv_forward(x, self.weight_g * v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), self.bias)
+        return F.conv_transpose2d(x, self.normalised_weight(), self.bias, self.stride, self.padding, self.output_padding,
+                                  self.groups, self.dilation)
 
-def conv2d(ni: int, nf: int, ks: int = 3, norm: str | None = 'batch', **kwargs) -> nn.Conv2d:
-    "A convolution for `norm`: no bias before a norm layer, reparametrised for 'weight' and 'spectral'."
-    bias = norm in (None, 'weight', 'spectral')
-    if norm == 'weight': return WeightNormConv2d(ni, nf, ks, bias=bias, **kwargs)
-    conv = nn.Conv2d(ni, nf, ks, bias=bias, **kwargs)
-    return nn.utils.spectral_norm(conv) if norm == 'spectral' else conv
+def conv2d(ni: int, nf: int, ks: int = 3, norm: str | None = 'batch', transposed: bool = False, **kwargs) -> nn.Module:
+    "A (transposed) convolution for `norm`: no bias before a norm layer, reparametrised for 'weight' and 'spectral'."
+    bias = norm is None or norm in REPARAMETRISED
+    if norm == 'weight': return (WeightNormConvTranspose2d if transposed else WeightNormConv2d)(ni, nf, ks, bias=bias, **kwargs)
+    conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(ni, nf, ks, bias=bias, **kwargs)
+    return nn.utils.spectral_norm(conv, dim=1 if transposed else 0) if norm == 'spectral' else conv
 
 class ConvNormAct(nn.Sequential):
     "Conv2d (no bias when normalised) → norm → activation."
@@ -104,7 +122,7 @@ class Upsample(nn.Module):
             self.layers = nn.Sequential(ConvNormAct(ni, nf * scale ** 2, ks=1, norm=norm, act=act), nn.PixelShuffle(scale))
             self.init_icnr()
         else:
-            self.layers = nn.Sequential(nn.ConvTranspose2d(ni, nf, scale, stride=scale, bias=norm in (None, 'weight', 'spectral')),
+            self.layers = nn.Sequential(conv2d(ni, nf, scale, norm, transposed=True, stride=scale),
                                         norm_layer(norm, nf), act_layer(act))
         # fastai's blur: shift one pixel and average 2×2, which smooths the blocks an upsampler leaves
         self.blur = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.AvgPool2d(2, stride=1)) if blur and scale > 1 else nn.Identity()
@@ -116,7 +134,7 @@ class Upsample(nn.Module):
         with torch.no_grad():
             getattr(conv, 'weight_orig', conv.weight).copy_(icnr_init(conv.weight, scale=self.scale))
             if conv.bias is not None: conv.bias.zero_()
-        if isinstance(conv, WeightNormConv2d): conv.reset_gain()
+        if isinstance(conv, _WeightNorm): conv.reset_gain()
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.mode in ('bilinear', 'nearest'): return self.blur(resize_to(x, size, self.mode))
@@ -135,7 +153,7 @@ def init_convs(module: nn.Module, init: str | None) -> None:
             with torch.no_grad():
                 INITS[init](getattr(m, 'weight_orig', m.weight))     # spectral norm keeps the raw weight there
                 if m.bias is not None: m.bias.zero_()
-            if isinstance(m, WeightNormConv2d): m.reset_gain()
+            if isinstance(m, _WeightNorm): m.reset_gain()
     for m in module.modules():
         if isinstance(m, Upsample): m.init_icnr()
 

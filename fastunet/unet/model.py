@@ -20,7 +20,7 @@ from ..encoders.contract import Encoder
 from ..encoders.registry import create_encoder
 from .blocks import DecoderBlock, MiddleBlock
 from .config import UnetConfig
-from .layers import ResBlock, SelfAttention, crop_pads, init_convs, pad_to_multiple
+from .layers import REPARAMETRISED, ResBlock, SelfAttention, conv2d, crop_pads, init_convs, pad_to_multiple
 from .plan import DecoderStage, plan_decoder, show_decoder_plan
 
 # %% auto #0
@@ -45,7 +45,7 @@ class MoreDynamicUnet(nn.Module):
                  n_in: int = 3,                                # input channels (when the encoder is made here)
                  pretrained: bool = False,                     # start the encoder from its library's pretrained weights
                  weights: str | Path | None = None,            # or from this local weights file
-                 config: UnetConfig | str | None = None,       # a `UnetConfig`, or a preset name: 'default', 'blog', 'paper'
+                 config: UnetConfig | str | dict | None = None,  # a `UnetConfig`, a preset name ('default', 'blog', 'paper') or a dict of options
                  encoder_kwargs: dict | None = None,           # options of the encoder, e.g. dict(features=32, depth=4) for 'unet'
                  **kwargs):                                    # `UnetConfig` fields (or fastai's `DynamicUnet` keywords), overriding `config`'s
         super().__init__()
@@ -53,6 +53,7 @@ class MoreDynamicUnet(nn.Module):
             encoder = create_encoder(encoder, n_in=n_in, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
         elif encoder_kwargs: raise ValueError("encoder_kwargs apply when the encoder is made here, not to a ready `Encoder`")
         if isinstance(config, str): config = UnetConfig.preset(config)
+        if isinstance(config, dict): config = UnetConfig().replace(**config)      # fastai's older `config=unet_config(...)`
         self.config = (config or UnetConfig()).replace(**kwargs)
         self.encoder, self.n_out, self.encoder_kwargs = encoder, n_out, dict(encoder_kwargs or {})   # the record stores them
         config, channels = self.config, encoder.channels
@@ -62,12 +63,13 @@ class MoreDynamicUnet(nn.Module):
         elif config.middle_attention: self.middle = SelfAttention(deepest)
         else: self.middle = nn.Identity()
         attended = _self_attention_stage(self.stages) if config.attention == 'self' else None
+        joins_skip = [i for i, stage in enumerate(self.stages) if stage.skip_index is not None]
         blocks, in_channels = [], deepest
         for i, stage in enumerate(self.stages):
             skip_channels = channels[stage.skip_index] if stage.skip_index is not None else 0
-            final = i == len(self.stages) - 1
-            blocks.append(DecoderBlock(in_channels, skip_channels, stage, config, blur=config.blur and (config.blur_final or not final),
-                                       self_attention=i == attended))
+            # fastai blurs the upsampling of the stages that join a skip, the last of them only with blur_final
+            blur = config.blur and i in joins_skip and (config.blur_final or i != joins_skip[-1])
+            blocks.append(DecoderBlock(in_channels, skip_channels, stage, config, blur=blur, self_attention=i == attended))
             in_channels = stage.width
         self.blocks = nn.ModuleList(blocks)
         head_in = sum(s.width for s in self.stages) if config.hypercolumns else in_channels
@@ -75,7 +77,7 @@ class MoreDynamicUnet(nn.Module):
         if config.residual_head or config.last_cross or config.bottle:
             self.residual = ResBlock(head_in, config.norm, config.act, hidden=max(head_in // 2, 1) if config.bottle else None)
         else: self.residual = nn.Identity()
-        self.head = nn.Conv2d(head_in, n_out, kernel_size=1)
+        self.head = conv2d(head_in, n_out, 1, config.norm if config.norm in REPARAMETRISED else None)   # fastai normalises its head's weights too
         self.output = SigmoidRange(*config.y_range) if config.y_range else nn.Identity()
         for part in (self.middle, self.blocks, self.residual, self.head): init_convs(part, config.init)
         self.checkpoint_decoder = self.checkpoint_whole_encoder = False
