@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def _json_options(flag: str, text: str | None) -> dict | None:
         raise SystemExit(f"{flag} must be a JSON object such as '{{\"features\": 32, \"depth\": 4}}', not {text!r}")
     return options
 
+def _fold_list(text: str | None) -> list[int] | None:
+    "Folds given as '0,2,4'."
+    if text is None: return None
+    try: return [int(part) for part in text.split(',')]
+    except ValueError: raise ValueError(f"--folds takes fold numbers separated by commas, such as '0,2,4', not {text!r}") from None
+
 @call_parse
 def train(data: str,                    # folder with images/ and the mask folder
           out: str = 'fastunet_run',    # folder for folds.csv, models/ (fold weights and records) and report.json
@@ -47,17 +54,20 @@ def train(data: str,                    # folder with images/ and the mask folde
           lr: float = 1e-3,             # maximum learning rate
           bs: int = 8,                  # batch size
           crop: int = None,             # train on random crops of this size (centre crops to validate)
+          resize: int = None,           # resize every image and its mask to this square size (images of several sizes)
           mask_folder: str = 'masks',   # the masks' folder, beside images/
-          binary_masks: bool = False,   # masks are 0/255 images: read values above 127 as foreground
+          binary_masks: bool = False,   # foreground masks: any non-zero value is foreground (0/255, 0/1, colour masks)
+          classes: int = 2,             # classes in the masks (codes 0..classes-1); 2 trains a binary model
           pretrained: bool = False,     # start from the encoder's pretrained weights (needs the network)
           seed: int = 42,               # folds and training seed
           config: str = 'default',      # the decoder's preset: 'default', 'blog' or 'paper' (the original U-Net's)
-          encoder_kwargs: str = None):  # the encoder's options as JSON, e.g. '{"features": 32, "depth": 4}' for --arch unet
+          encoder_kwargs: str = None,   # the encoder's options as JSON, e.g. '{"features": 32, "depth": 4}' for --arch unet
+          restart: bool = False):       # delete the run already in --out (its folds) and start over
     """Train (or resume) k folds on a folder of images and masks. Under `torchrun` / `accelerate launch`
     each fold trains data-parallel (DDP); with --fold K, folds spread over processes, GPUs or array jobs."""
     out = Path(out)
     report = run_training(Path(data), out, arch, folds, epochs, lr, bs, seed, mask_folder, binary_masks, crop, fold, pretrained,
-                          config, _json_options('--encoder-kwargs', encoder_kwargs))
+                          config, _json_options('--encoder-kwargs', encoder_kwargs), classes, resize, restart)
     if is_main_process():
         atomic_write(out / 'report.json', lambda p: p.write_text(json.dumps(report, indent=1)))
         print(pd.DataFrame(report['cv']).to_string(index=False))
@@ -70,10 +80,11 @@ def predict(models: str,                # folder of fold records and weights (fa
             bs: int = 8,                # batch size
             no_tta: bool = False,       # skip horizontal-flip TTA
             threshold: float = None,    # probability threshold (default: the one chosen on out-of-fold predictions)
-            min_area: int = None):      # empty masks smaller than this (default: chosen with the threshold)
+            min_area: int = None,       # empty masks smaller than this (default: chosen with the threshold)
+            folds: str = None):         # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     files = list_images(images)
-    path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area)
+    path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds))
     print(f'wrote {path} ({len(files)} images)')
     return path
 
@@ -89,4 +100,7 @@ def main():
     command = sys.argv.pop(1)
     sys.argv[0] = f'fastunet {command}'
     args, kwargs, _ = parse_cli(COMMANDS[command])
-    COMMANDS[command](*args, **kwargs)
+    try: COMMANDS[command](*args, **kwargs)
+    except (ValueError, FileNotFoundError) as e:      # bad arguments, data or run folders: the message says what to do
+        if os.environ.get('FASTUNET_TRACEBACK'): raise
+        sys.exit(f"fastunet {command}: {e}\n(FASTUNET_TRACEBACK=1 shows where this came from)")

@@ -53,7 +53,9 @@ def _validate(out: Path, fold: int) -> tuple[float, np.ndarray]:
     from fastunet.learner.metrics import TGSMetric
     from fastunet.learner.losses import BCELovaszLoss
     record = json.loads((out / 'models' / f'fold_{fold}.json').read_text())
-    df = pd.read_csv(out / 'folds.csv')
+    data = Path(json.loads((out / 'models' / 'run.json').read_text())['definition']['data'])
+    df = pd.read_csv(out / 'folds.csv')                    # paths inside the data folder
+    df['item'] = [str(data / item) for item in df['item']]
     block = segmentation_block(1)
     block.splitter = IndexSplitter(record['valid_index'])
     dls = block.dataloaders(df, bs=4, num_workers=0)
@@ -70,7 +72,7 @@ def test_fastunet_train_under_torchrun_trains_data_parallel_and_rank0_writes(sma
                   '--out', str(out), '--arch', 'resnet10t', '--folds', '3', '--fold', '0', '--epochs', '2', '--bs', '4'])
     assert result.stdout.count('train_loss') == 1 and result.stdout.count('best_epoch') == 1   # rank 0 alone logs and prints
     models = out / 'models'
-    assert sorted(p.name for p in models.iterdir()) == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy']   # no temp files
+    assert sorted(p.name for p in models.iterdir()) == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy', 'run.json']   # no temp files
     record = json.loads((models / 'fold_0.json').read_text())
     # the monitored metric and the out-of-fold predictions were gathered from both ranks, in order: they are
     # those of the whole held-out set, as one process computes them with the saved weights
@@ -93,7 +95,7 @@ def test_two_folds_trained_concurrently_by_two_processes_do_not_clash(small_salt
         assert process.returncode == 0, stderr[-3000:]
     names = sorted(p.name for p in (out / 'models').iterdir())
     assert names == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy', 'fold_1.json', 'fold_1.pth', 'fold_1_oof.npy',
-                     'threshold.json']                                # the last to finish chose the threshold
+                     'run.json', 'threshold.json']                    # the last to finish chose the threshold
     assert sorted(r['fold'] for r in load_fold_records(out / 'models')) == [0, 1]
     assert not list(out.glob('.*.tmp'))
     images = small_salt / 'images'

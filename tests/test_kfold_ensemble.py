@@ -52,7 +52,7 @@ def test_interrupted_run_resumes(salt_folds, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_folds(block, salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, dls_kwargs=DLS, learner_kwargs=LEARNER,
                     cbs=[InterruptSecondFit()])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy']   # no temporary files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy', 'run.json']   # no temporary files
     finished = (tmp_path / 'fold_0.pth').stat().st_mtime_ns
     cv = train_folds(salt_block(), salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, dls_kwargs=DLS, learner_kwargs=LEARNER)
     assert list(cv.fold) == [0, 1]
@@ -153,7 +153,7 @@ def test_binary_folds_record_sigmoid_and_the_ensemble_applies_it(salt_folds, tmp
     train_folds(salt_block(), salt_folds, 'resnet10t', tmp_path, epochs=1, bs=4, folds=[0], dls_kwargs=DLS,
                 learner_kwargs=dict(pretrained=False, n_out=1, loss_func=BCELovaszLoss()))
     assert json.loads((tmp_path / 'fold_0.json').read_text())['activation'] == 'sigmoid'
-    ensemble = FoldEnsemble.from_dir(tmp_path, device='cpu')
+    ensemble = FoldEnsemble.from_dir(tmp_path, device='cpu', folds=[0])      # the one fold trained, asked for by name
     images = list(salt_folds['item'][:3])
     x = torch.stack([image_tensor(p, 1) for p in images])
     model = ensemble.models[0]

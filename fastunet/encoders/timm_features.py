@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .contract import IMAGENET_STATS, Encoder, EncoderInfo, adapt_stats, find_size_divisor, runs_at
-from .weights import PretrainedWeightsUnavailable
+from .weights import PretrainedWeightsUnavailable, check_weights_loaded, load_local_state_dict
 
 # %% auto #0
 __all__ = ['TimmEncoder']
@@ -43,10 +43,8 @@ class TimmEncoder(Encoder):
         super().__init__()
         kwargs = dict(model_kwargs, in_chans=n_in, pretrained=pretrained or weights is not None)
         if out_indices is not None: kwargs['out_indices'] = tuple(out_indices)
-        if weights is not None:
-            path = Path(weights)
-            if not path.is_file(): raise FileNotFoundError(f"weights file '{path}' does not exist")
-            kwargs['pretrained_cfg_overlay'] = dict(file=str(path))
+        state = None if weights is None else load_local_state_dict(weights)   # read safely, checkpoint wrappers removed
+        if state is not None: kwargs['pretrained_cfg_overlay'] = dict(state_dict=state)
         try:
             self.model = _create_timm_features(name, **kwargs)
             if not _is_hook_free(self.model):   # a few families default to hooks; their getter needs none
@@ -62,6 +60,8 @@ class TimmEncoder(Encoder):
             raise
         if not _is_hook_free(self.model):
             raise ValueError(f"timm model '{name}' extracts its features with hooks; fastunet supports hook-free encoders only")
+        if state is not None:      # timm loads non-strictly: a file of other keys would load nothing, silently
+            check_weights_loaded(self.model, state, name, adapted=int(n_in != 3))
         feature_info = self.model.feature_info
         channels, reductions = list(feature_info.channels()), [int(r) for r in feature_info.reduction()]
         self.channels_last_output = str(getattr(self.model, 'output_fmt', 'NCHW')).endswith('NHWC')

@@ -5,13 +5,16 @@
 # %% ../../nbs/00_encoders.weights.ipynb #fa33d30c
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['HEAD_NAMES', 'PretrainedWeightsUnavailable', 'in_classifier_head', 'load_local_state_dict', 'load_into_model']
+__all__ = ['HEAD_NAMES', 'PretrainedWeightsUnavailable', 'in_classifier_head', 'load_local_state_dict', 'weights_mismatch',
+           'load_into_model', 'count_loaded_convolutions', 'check_weights_loaded']
 
 # %% ../../nbs/00_encoders.weights.ipynb #98941b3e
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -46,9 +49,29 @@ def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict): state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights file '{path}' does not hold a state dict of tensors")
+    if not state: raise ValueError(f"weights file '{path}' holds no tensors (an empty state dict)")
     return state
 
 # %% ../../nbs/00_encoders.weights.ipynb #0e85879a
+def _key_prefixes(own_keys: Iterable[str], file_keys: Iterable[str]) -> list[str]:
+    "Prefixes that, stripped from the file's keys, make them the model's ('backbone.', 'module.', a fold file's 'encoder.model.')."
+    own, counts = set(own_keys), Counter()
+    for key in file_keys:
+        for cut in (i + 1 for i, char in enumerate(key) if char == '.'):
+            if key[cut:] in own:
+                counts[key[:cut]] += 1
+                break
+    return [prefix for prefix, _ in counts.most_common(3)]
+
+def weights_mismatch(name: str, own_keys: list[str], state: dict[str, torch.Tensor], problem: str) -> ValueError:
+    "The error for a weights file that does not fit `name`: what failed, both key lists' first entries, and the prefix to strip."
+    prefixes = _key_prefixes(own_keys, state)
+    hint = (f" The file's keys carry the prefix {prefixes[0]!r}: strip it, e.g. "
+            f"state = {{k.removeprefix({prefixes[0]!r}): v for k, v in state.items()}}, and save that." if prefixes else
+            f" Is it the state dict of the '{name}' classification network itself (not of another architecture)?")
+    return ValueError(f"the weights do not fit '{name}': {problem}. The model's keys begin {list(own_keys)[:3]}, "
+                      f"the file's {list(state)[:3]}.{hint}")
+
 def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
     "Load `state` into `model`; only classifier tensors may be missing or extra, and shapes must agree."
     own = model.state_dict()
@@ -57,7 +80,29 @@ def load_into_model(model: nn.Module, state: dict[str, torch.Tensor], name: str)
     trunk_missing = [k for k in missing if not in_classifier_head(k) and not k.endswith('num_batches_tracked')]
     if mismatched or trunk_missing:
         problems = [f"{len(mismatched)} tensors of another shape (e.g. {mismatched[:3]})"] if mismatched else []
-        if trunk_missing: problems.append(f"{len(trunk_missing)} tensors missing (e.g. {trunk_missing[:3]})")
-        raise ValueError(f"the weights do not fit '{name}': {'; '.join(problems)}. "
-                         f"Is the file a state dict of '{name}' itself?")
+        if trunk_missing: problems.append(f"{len(trunk_missing)} of its {len(own)} tensors missing (e.g. {trunk_missing[:3]})")
+        raise weights_mismatch(name, list(own), state, '; '.join(problems))
     model.load_state_dict({k: v for k, v in state.items() if k in own and not in_classifier_head(k)}, strict=False)
+
+# %% ../../nbs/00_encoders.weights.ipynb #30f08849
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tuple(tensor.detach().flatten()[:4].float().tolist())
+
+def count_loaded_convolutions(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    "How many of `model`'s convolution weights (4-D tensors) hold the values of a tensor of `state`, and how many it has."
+    candidates: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in state.values():
+        if tensor.ndim == 4: candidates.setdefault(_fingerprint(tensor), []).append(tensor)
+    convolutions = [t for t in model.state_dict().values() if t.ndim == 4]
+    loaded = sum(any(torch.equal(conv, t.to(conv.dtype)) for t in candidates.get(_fingerprint(conv), ()))
+                 for conv in convolutions)
+    return loaded, len(convolutions)
+
+def check_weights_loaded(model: nn.Module,                    # the encoder, after its library loaded the file
+                         state: dict[str, torch.Tensor],      # the file's state dict
+                         name: str,                           # the architecture, for the message
+                         adapted: int = 0) -> None:           # convolutions the loader may change (a stem adapted to n_in != 3)
+    "Raise a `ValueError` naming the keys and the prefix to strip unless the file's values are in the encoder's convolutions."
+    loaded, total = count_loaded_convolutions(model, state)
+    if loaded < total - adapted:
+        raise weights_mismatch(name, list(model.state_dict()), state, f"only {loaded} of its {total} convolution weights were in the file")

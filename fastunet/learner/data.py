@@ -48,10 +48,10 @@ def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -
 
 # %% ../../nbs/23_learner.data.ipynb #7bd9a3f1
 class MaskFromFolder:
-    "Label function: `root/images/x.png` → the mask `root/<folder>/x<suffix>`; `binary` maps 0/255 masks to class codes 0/1."
+    "Label function: `root/images/x.png` → the mask `root/<folder>/x<suffix>`, read as class codes (`binary`: non-zero → 1)."
     def __init__(self,
                  folder: str = 'masks',       # the masks' folder, beside the images' folder
-                 binary: bool = False,        # masks are 0/255 images: read them as 0/1
+                 binary: bool = False,        # foreground masks: any non-zero value is foreground (read as 1)
                  suffix: str | None = None):  # the masks' file ending, when it differs from the image's (e.g. '_mask.png' → '.png')
         self.folder, self.binary, self.suffix = folder, binary, suffix
 
@@ -68,9 +68,23 @@ class MaskFromFolder:
         return path
 
     def array(self, image_path: str | Path) -> np.ndarray:
-        "The mask of `image_path` as an array of class codes (0/1 for binary masks)."
-        with Image.open(self.existing_path(image_path)) as mask:
-            return (np.array(mask.convert('L')) > 127).astype(np.uint8) if self.binary else np.array(mask)
+        "The mask of `image_path` as a 2-D uint8 array of class codes (0/1 for binary masks)."
+        path = self.existing_path(image_path)
+        with Image.open(path) as mask:
+            values = np.array(mask)                    # palette masks: their indices; 16-bit masks: their values
+            has_alpha = mask.mode in ('RGBA', 'LA', 'PA')
+        if self.binary:
+            if values.ndim == 3: values = values[..., :-1] if has_alpha else values
+            return (values.reshape(*values.shape[:2], -1) != 0).any(-1).astype(np.uint8)
+        if values.ndim != 2:
+            raise ValueError(f"mask '{path}' has {values.shape[-1]} channels, but class-code masks have one: save it as a "
+                             f"single-channel image of class codes, or read it as a foreground mask (binary=True, --binary-masks)")
+        if values.dtype != np.uint8:
+            if values.dtype.kind not in 'biu' or values.min() < 0 or values.max() > 255:
+                raise ValueError(f"mask '{path}' holds {values.dtype} values from {values.min()} to {values.max()}: class "
+                                 f"codes are integers 0..255; for a foreground mask read it with binary=True (--binary-masks)")
+            values = values.astype(np.uint8)
+        return values
 
-    def __call__(self, image_path: str | Path) -> Path | PILMask:
-        return PILMask.create(self.array(image_path)) if self.binary else self.existing_path(image_path)
+    def __call__(self, image_path: str | Path) -> PILMask:
+        return PILMask.create(self.array(image_path))

@@ -59,7 +59,7 @@ def run_demo(dest: str = 'fastunet_demo',          # folder for data, models, su
     print(f'fastunet demo: writing data, models, submission.csv, report.json and predictions.png to {dest}')
     train = make_synthetic_dataset(dest / 'data' / 'train', n_images=n_images, size=(size, size), seed=seed)
     test = make_synthetic_dataset(dest / 'data' / 'test', n_images=n_test, size=(size, size), seed=seed + 1)
-    report = run_training(train, dest, arch, folds, epochs, lr, bs, seed)
+    report = run_training(train, dest, arch, folds, epochs, lr, bs, seed, restart=True)   # a demo run starts afresh
     trained = time.time()
     print('\nCV table:\n' + pd.DataFrame(report['cv']).to_string(index=False))
     print(f"out-of-fold TGS metric {report['oof_tgs']:.4f} at threshold {report['threshold']}, min area {report['min_area']}")

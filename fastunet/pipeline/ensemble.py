@@ -38,9 +38,13 @@ class FoldEnsemble:
                                                                  torch.tensor(stats[1]).view(1, -1, 1, 1).to(self.device))
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device=None) -> FoldEnsemble:
-        "Load every fold of `model_dir` (written by `train_folds`)."
-        records, models = load_fold_records(model_dir), []
+    def from_dir(cls,
+                 model_dir: str | Path,                    # a run folder written by `train_folds`
+                 device=None,                              # where to run the models (default: CUDA if there is one)
+                 folds: Sequence[int] | None = None        # only these folds (default: every fold of the run, all finished)
+                 ) -> FoldEnsemble:
+        "Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused."
+        records, models = load_fold_records(model_dir, folds), []
         for record in records:
             model = MoreDynamicUnet(resolve_arch(record['arch']), n_out=record['n_out'], n_in=record['n_in'], pretrained=False,
                                     config=UnetConfig(**record['config']), encoder_kwargs=record['encoder_kwargs'])

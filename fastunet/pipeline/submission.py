@@ -7,6 +7,7 @@ submission file written atomically."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Iterable, Callable
 
@@ -19,19 +20,37 @@ from .files import atomic_write
 __all__ = ['DEFAULT_THRESHOLDS', 'rle_encode', 'rle_decode', 'apply_threshold', 'search_threshold', 'write_submission']
 
 # %% ../../nbs/36_pipeline.submission.ipynb #4137e09c
-def rle_encode(mask: np.ndarray | torch.Tensor) -> str:
-    "Run-length encode a 2-D mask (non-zero = foreground): column-major, 1-indexed 'start length …'."
-    pixels = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask).T.flatten() > 0
+def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, width): boolean or 0/1, or probabilities with `threshold`
+               threshold: float | None = None          # foreground where mask > threshold (for probabilities)
+               ) -> str:
+    "Run-length encode a 2-D mask: column-major, 1-indexed 'start length …'."
+    array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    if array.ndim != 2:
+        raise ValueError(f"rle_encode takes one 2-D mask (height, width), not an array of shape {array.shape}: "
+                         "encode each image's (and each class's) mask separately")
+    if threshold is not None:
+        if not 0 <= threshold <= 1: raise ValueError(f"threshold must be a probability in [0, 1], not {threshold}")
+        pixels = array > threshold
+    elif array.dtype == bool: pixels = array
+    elif ((array == 0) | (array == 1)).all(): pixels = array == 1
+    else:
+        sample = np.unique(array[(array != 0) & (array != 1)])[:3].tolist()
+        raise ValueError(f"rle_encode takes a boolean or 0/1 mask; this one also holds {sample}: pass threshold=… for "
+                         "probabilities, or a boolean mask such as mask > 0 for a 0/255 mask")
+    pixels = pixels.T.flatten()
     padded = np.concatenate([[False], pixels, [False]])
     changes = np.flatnonzero(padded[1:] != padded[:-1]) + 1
     starts, ends = changes[::2], changes[1::2]
     return ' '.join(f'{s} {e - s}' for s, e in zip(starts, ends))
 
-def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    "The uint8 mask (0/1) of `shape` (height, width) that `rle_encode` made `rle` from."
+def rle_decode(rle: str | None, shape: tuple[int, int]) -> np.ndarray:
+    "The uint8 mask (0/1) of `shape` (height, width) that `rle_encode` made `rle` from; an empty cell (None, NaN, '') is empty."
     height, width = shape
     flat = np.zeros(height * width, dtype=np.uint8)
-    numbers = [int(n) for n in (rle or '').split()]
+    if rle is None or (isinstance(rle, float) and math.isnan(rle)): rle = ''
+    if not isinstance(rle, str): raise ValueError(f"an RLE is a string of start/length pairs, not {type(rle).__name__} {rle!r}")
+    try: numbers = [int(n) for n in rle.split()]
+    except ValueError as e: raise ValueError(f"an RLE holds whole numbers only; got {rle[:40]!r}") from e
     if len(numbers) % 2: raise ValueError(f"an RLE string holds start/length pairs; got {len(numbers)} numbers")
     for start, length in zip(numbers[::2], numbers[1::2]):
         if start < 1 or length < 1 or start - 1 + length > flat.size:
@@ -66,10 +85,14 @@ def search_threshold(probs: torch.Tensor,                   # foreground probabi
 # %% ../../nbs/36_pipeline.submission.ipynb #49ea2bfb
 def write_submission(rows: Iterable[tuple[str, str]], path: str | Path = 'submission.csv',
                      header: tuple[str, str] = ('id', 'rle_mask')) -> Path:
-    "Write (id, rle) rows to `path` atomically: a temporary file in the same folder, renamed when complete."
+    "Write (id, rle) rows to `path` atomically: a temporary file in the same folder, renamed when complete; ids must be unique."
     def write(temporary: Path):
+        seen = set()
         with open(temporary, 'w', newline='') as f:
             writer = csv.writer(f)
             writer.writerow(header)
-            for image_id, rle in rows: writer.writerow((image_id, rle))
+            for image_id, rle in rows:
+                if image_id in seen: raise ValueError(f"the id {image_id!r} comes twice: each row of a submission needs its own id")
+                seen.add(image_id)
+                writer.writerow((image_id, rle))
     return atomic_write(path, write)

@@ -1,0 +1,411 @@
+"""Bad input and stale state, as a hostile but realistic user meets them (issue 12): every case either gets a clear
+error that names the argument or file and the fix, before any training, or gives the correct result. Tables of cases,
+tiny models (resnet10t) and images (32-48 px), so the whole battery takes about a minute."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision.models as tvm
+from PIL import Image
+
+from fastunet.cli import main
+from fastunet.learner.synthetic import make_synthetic_dataset
+from fastunet.pipeline.ensemble import FoldEnsemble
+from fastunet.pipeline.files import atomic_write
+from fastunet.pipeline.records import fold_paths, read_run
+from fastunet.pipeline.submission import rle_decode, rle_encode
+from fastunet.pipeline.workflow import run_prediction, run_training
+from fastunet.unet.model import MoreDynamicUnet
+
+TRAIN = dict(arch='resnet10t', n_folds=2, epochs=1, lr=3e-3, bs=2, seed=0)
+
+
+def copy_data(data_factory, tmp_path, n_images: int = 8, size=(32, 32)) -> Path:
+    "A private copy of a small generated set, free to damage."
+    return Path(shutil.copytree(data_factory(1, 2, size=size, n_images=n_images), tmp_path / 'data'))
+
+
+def masks_of(data: Path) -> list[Path]: return sorted((data / 'masks').glob('*.png'))
+
+
+def images_of(data: Path) -> list[Path]: return sorted((data / 'images').glob('*.png'))
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    "`fastunet ARGV` in this process: (exit status, what it printed to stderr)."
+    old = sys.argv
+    sys.argv = ['fastunet', *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str): print(e.code, file=sys.stderr)
+    finally: sys.argv = old
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+    "One finished two-fold run on 8 images of 32², and a few test images; tests copy it before they change it."
+    work = tmp_path_factory.mktemp('trained')
+    data = make_synthetic_dataset(work / 'data', n_images=8, size=(32, 32), seed=3)
+    run_training(data, work / 'run', **TRAIN)
+    test = make_synthetic_dataset(work / 'test', n_images=3, size=(32, 32), seed=4)
+    return data, work / 'run', images_of(test)
+
+
+def copy_run(trained_run, tmp_path) -> Path:
+    return Path(shutil.copytree(trained_run[1], tmp_path / 'run'))
+
+
+# ---------------------------------------------------------------- arguments, refused before any work (cases 5 and 8)
+
+@pytest.mark.parametrize('argv, message', [
+    (['--epochs', '0'], '--epochs must be a whole number ≥ 1, not 0'),
+    (['--lr', '-1'], '--lr must be a positive learning rate'),
+    (['--bs', '0'], '--bs must be a whole number ≥ 1, not 0'),
+    (['--crop', '-5'], '--crop must be a whole number ≥ 1, not -5'),
+    (['--fold', '7', '--folds', '5'], '--fold 7 is not one of the 5 folds 0..4'),
+    (['--folds', '1'], '--folds must be a whole number ≥ 2'),
+    (['--crop', '16', '--resize', '16'], 'give --crop or --resize, not both'),
+    (['--classes', '3', '--binary-masks'], '--binary-masks reads masks as background and foreground'),
+    (['--restart', '--fold', '0'], '--restart deletes every fold of the run'),
+    (['--crop', '64'], 'the crop 64 is larger than the smallest image'),
+    (['--folds', '9'], 'too few for 9 folds'),
+], ids=lambda v: ' '.join(v) if isinstance(v, list) else None)
+def test_bad_training_arguments_are_refused_before_anything_is_written(data_factory, tmp_path, capsys, argv, message):
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'resnet10t', *argv], capsys)
+    assert code == 1 and message in err, err
+    assert 'Traceback' not in err
+    assert not (tmp_path / 'run' / 'models').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--threshold', '1.5'], '--threshold must be a probability in [0, 1], not 1.5'),
+    (['--min-area', '-1'], '--min-area must be a whole number ≥ 0'),
+    (['--bs', '0'], '--bs must be a whole number ≥ 1'),
+    (['--folds', '0,x'], "--folds takes fold numbers separated by commas"),
+    (['--folds', '0,5'], 'fold(s) [5] are not folds of the run'),
+])
+def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, argv, message):
+    _, run, test_images = trained_run
+    code, err = run_cli(['predict', str(run / 'models'), str(test_images[0].parent), '--out', str(tmp_path / 's.csv'), *argv], capsys)
+    assert code == 1 and message in err, err
+    assert not (tmp_path / 's.csv').exists()
+
+
+# ---------------------------------------------------------------- the data check, before the first epoch (cases 1 and 8)
+
+def truncate(path: Path) -> None: path.write_bytes(path.read_bytes()[:60])
+
+
+def damage_masks(data: Path, values) -> None:
+    "Rewrite every mask through `values(mask) -> array` (0/255, 16-bit, ...)."
+    for path in masks_of(data): Image.fromarray(values(np.array(Image.open(path)))).save(path)
+
+
+DATA_CASES = {
+    'truncated image': (lambda d: truncate(images_of(d)[2]), [], ['cannot be read', '0002.png', 'truncated']),
+    'missing mask': (lambda d: masks_of(d)[1].unlink(), [], ['no mask for', '0001.png']),
+    'mask of another size': (lambda d: Image.fromarray(np.zeros((30, 32), np.uint8)).save(masks_of(d)[3]), [],
+                             ["0003.png' is 32×32, its mask 30×32"]),
+    'mixed image sizes': (lambda d: [Image.fromarray(np.zeros((40, 40), np.uint8)).save(p) for p in (images_of(d)[0], masks_of(d)[0])],
+                          [], ['2 different sizes', '40×40: 1 image(s)', '--resize S']),
+    '0/255 masks without --binary-masks': (lambda d: damage_masks(d, lambda m: m * 255), [],
+                                           ['outside the class codes 0..1 (255)', 'pass --binary-masks', 'pass --classes 256']),
+    '16-bit 0/65535 masks': (lambda d: damage_masks(d, lambda m: m.astype(np.uint16) * 65535), [],
+                             ['holds uint16 values from 0 to 65535', 'binary=True (--binary-masks)']),
+    'class codes 0..2 with two classes': (lambda d: damage_masks(d, lambda m: m * 2), [], ['(2)', 'pass --classes 3']),
+    'all masks empty': (lambda d: damage_masks(d, np.zeros_like), [], ['all 8 masks are empty']),
+    'all masks empty as 0/255 read with --binary-masks': (lambda d: damage_masks(d, np.zeros_like), ['--binary-masks'],
+                                                          ['all 8 masks are empty']),
+    'not an image': (lambda d: images_of(d)[4].write_text('hello'), [], ['cannot be read', '0004.png', 'UnidentifiedImageError']),
+}
+
+
+@pytest.mark.parametrize('case', DATA_CASES)
+def test_data_that_cannot_train_is_refused_before_the_first_epoch(data_factory, tmp_path, capsys, case):
+    damage, extra, expected = DATA_CASES[case]
+    data = copy_data(data_factory, tmp_path)
+    damage(data)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'resnet10t', '--epochs', '1', '--bs', '2',
+                         '--folds', '2', *extra], capsys)
+    assert code == 1, err
+    for text in expected: assert text in err, (text, err)
+    assert not (tmp_path / 'run' / 'models').exists()          # refused before any run folder, let alone an epoch
+
+
+@pytest.mark.parametrize('stored', ['0/1', '0/255', '16-bit 0/1', 'colour 0/1'])
+def test_binary_masks_mean_any_nonzero_value_is_foreground(data_factory, tmp_path, stored):
+    "Case 1: 0/1 masks under --binary-masks were read as empty (> 127) and scored TGS 1.0. Now every stored form trains."
+    data = copy_data(data_factory, tmp_path)
+    truth = [np.array(Image.open(p)) for p in masks_of(data)]
+    convert = {'0/1': lambda m: m, '0/255': lambda m: m * 255, '16-bit 0/1': lambda m: m.astype(np.uint16),
+               'colour 0/1': lambda m: np.stack([np.zeros_like(m), m, np.zeros_like(m)], -1)}[stored]
+    damage_masks(data, convert)
+    report = run_training(data, tmp_path / 'run', **{**TRAIN, 'epochs': 1}, binary_masks=True)
+    assert 'oof_tgs' in report
+    from fastunet.pipeline.records import out_of_fold   # the OOF truths the threshold was chosen on are the real masks
+    from fastunet.learner.data import MaskFromFolder
+    read = [MaskFromFolder(binary=True).array(p) for p in images_of(data)]
+    for mask, expected in zip(read, truth): np.testing.assert_array_equal(mask, expected)
+    assert out_of_fold(tmp_path / 'run' / 'models', 8).shape == (8, 1, 32, 32)
+
+
+def test_mixed_sizes_train_with_resize_and_predict_at_each_image_size(data_factory, tmp_path):
+    data = copy_data(data_factory, tmp_path)
+    for path in (images_of(data)[0], masks_of(data)[0]):
+        Image.fromarray(np.array(Image.open(path).resize((40, 36), Image.NEAREST))).save(path)
+    report = run_training(data, tmp_path / 'run', **TRAIN, resize=32)
+    assert len(report['cv']) == 2 and 'threshold' not in report      # no threshold on resized OOF predictions
+    submission = run_prediction(tmp_path / 'run' / 'models', images_of(data)[:2], tmp_path / 's.csv')
+    rows = [line.split(',') for line in submission.read_text().splitlines()[1:]]
+    assert rle_decode(rows[0][1], (36, 40)).shape == (36, 40)          # an RLE that fits the image's own size
+    assert read_run(tmp_path / 'run' / 'models')['definition']['resize'] == 32
+
+
+# ---------------------------------------------------------------- weights= that do not fit (case 2)
+
+def classifier_state(arch) -> dict:
+    "The state dict of the classification network an encoder comes from."
+    return timm.create_model(arch).state_dict() if isinstance(arch, str) else arch(weights=None).state_dict()
+
+
+WEIGHTS_CASES = {
+    "a 'backbone.' prefix": (lambda arch: {f'backbone.{k}': v for k, v in classifier_state(arch).items()}, "prefix 'backbone.'"),
+    "a 'module.' prefix (DataParallel)": (lambda arch: {f'module.{k}': v for k, v in classifier_state(arch).items()}, "prefix 'module.'"),
+    "{'state_dict': {}}": (lambda arch: {'state_dict': {}}, 'holds no tensors'),
+    'an empty dict': (lambda arch: {}, 'holds no tensors'),
+    'a fold file': (lambda arch: MoreDynamicUnet(arch, n_out=1, n_in=3, pretrained=False).state_dict(), "prefix 'encoder."),
+    'another architecture': (lambda arch: timm.create_model('mobilenetv3_small_050').state_dict(), ('do not fit', 'could not load weights')),
+}
+
+
+@pytest.mark.parametrize('case', WEIGHTS_CASES)
+@pytest.mark.parametrize('arch', ['resnet10t', tvm.resnet18], ids=['timm', 'torchvision'])
+def test_weights_that_do_not_fit_are_refused(tmp_path, case, arch):
+    "Case 2: such files loaded nothing, silently, and the random encoder was then frozen as if pretrained."
+    make, message = WEIGHTS_CASES[case]
+    torch.save(make(arch), tmp_path / 'w.pth')
+    with pytest.raises(ValueError) as error: MoreDynamicUnet(arch, n_out=1, n_in=3, weights=tmp_path / 'w.pth')
+    assert any(text in str(error.value) for text in ([message] if isinstance(message, str) else message)), str(error.value)
+
+
+def test_weights_with_the_prefix_stripped_load(tmp_path):
+    "The fix the message names works, and the loaded encoder holds the file's values."
+    source = classifier_state("resnet10t")
+    torch.save({k.removeprefix('backbone.'): v for k, v in {f'backbone.{k}': v for k, v in source.items()}.items()}, tmp_path / 'w.pth')
+    model = MoreDynamicUnet('resnet10t', n_out=1, n_in=3, weights=tmp_path / 'w.pth')
+    torch.testing.assert_close(model.encoder.model.state_dict()['layer4.0.conv2.weight'], source['layer4.0.conv2.weight'])
+    gray = MoreDynamicUnet('resnet10t', n_out=1, n_in=1, weights=tmp_path / 'w.pth')     # the stem adapted, the rest loaded
+    torch.testing.assert_close(gray.encoder.model.state_dict()['layer4.0.conv2.weight'], source['layer4.0.conv2.weight'])
+
+
+# ---------------------------------------------------------------- the run folder knows its run (cases 3 and 4)
+
+@pytest.mark.parametrize('change, what', [
+    (dict(arch='resnet18d'), "arch 'resnet10t' then, 'resnet18d' now"),
+    (dict(n_folds=3), 'folds [0, 1] then, [0, 1, 2] now'),
+    (dict(epochs=2), 'epochs 1 then, 2 now'),
+    (dict(seed=1), 'seed 0 then, 1 now'),
+    (dict(binary_masks=True), 'binary_masks False then, True now'),
+])
+def test_a_rerun_with_other_arguments_stops_and_says_what_changed(trained_run, tmp_path, change, what):
+    data, _, _ = trained_run
+    out = tmp_path
+    copy_run(trained_run, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / 'run' / 'models').iterdir()}
+    with pytest.raises(ValueError) as error: run_training(data, out / 'run', **{**TRAIN, **change})
+    assert what in str(error.value) and '--restart' in str(error.value) and 'another --out' in str(error.value)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / 'run' / 'models').iterdir()} == before      # nothing touched
+
+
+def test_another_data_folder_is_another_run(trained_run, tmp_path):
+    data, _, _ = trained_run
+    copy_run(trained_run, tmp_path)
+    moved = Path(shutil.copytree(data, tmp_path / 'elsewhere'))
+    with pytest.raises(ValueError, match=re.escape(f"data '{data}' then, '{moved}' now")):
+        run_training(moved, tmp_path / 'run', **TRAIN)
+
+
+def test_resume_from_another_working_directory_is_the_same_run(trained_run, tmp_path, monkeypatch):
+    data, _, _ = trained_run
+    run = copy_run(trained_run, tmp_path)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / 'models').glob('fold_*')}
+    monkeypatch.chdir(data.parent)
+    report = run_training(Path(data.name), run, **TRAIN)                   # a relative path, from another directory
+    assert len(report['cv']) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (run / 'models').glob('fold_*')} == stamps     # nothing retrained
+
+
+@pytest.mark.parametrize('damage', ['truncated weights', 'truncated OOF', 'missing record', 'record of another run', 'score -inf'])
+def test_a_damaged_fold_is_trained_again(trained_run, tmp_path, capsys, damage):
+    data, _, _ = trained_run
+    run = copy_run(trained_run, tmp_path)
+    paths = fold_paths(run / 'models', 1)
+    record = json.loads(paths['record'].read_text())
+    if damage == 'truncated weights': truncate(paths['weights'])
+    elif damage == 'truncated OOF': truncate(paths['oof'])
+    elif damage == 'missing record': paths['record'].unlink()
+    elif damage == 'record of another run': paths['record'].write_text(json.dumps({**record, 'run_id': 'another'}))
+    else: paths['record'].write_text(json.dumps({**record, 'score': -math.inf}))
+    untouched = fold_paths(run / 'models', 0)['weights'].stat().st_mtime_ns
+    run_training(data, run, **TRAIN)
+    assert 'fold 1 is trained again' in capsys.readouterr().out
+    assert fold_paths(run / 'models', 0)['weights'].stat().st_mtime_ns == untouched
+    retrained = json.loads(paths['record'].read_text())
+    assert retrained['run_id'] == record['run_id'] and math.isfinite(retrained['score'])
+    assert retrained['history'] == record['history']                     # the same seed: the same losses
+    FoldEnsemble.from_dir(run / 'models', device='cpu')                  # and the run is whole again
+
+
+def test_restart_replaces_the_run(trained_run, tmp_path):
+    data, _, _ = trained_run
+    run = copy_run(trained_run, tmp_path)
+    (run / 'notes.txt').write_text('mine')
+    report = run_training(data, run, **{**TRAIN, 'arch': 'resnet18d'}, restart=True)
+    assert len(report['cv']) == 2 and json.loads(fold_paths(run / 'models', 0)['record'].read_text())['arch'] == 'resnet18d'
+    assert (run / 'notes.txt').read_text() == 'mine'                    # only the run's own files were deleted
+
+
+def test_folds_from_before_run_records_are_not_taken_for_this_run(trained_run, tmp_path):
+    data, _, _ = trained_run
+    run = copy_run(trained_run, tmp_path)
+    (run / 'models' / 'run.json').unlink()
+    with pytest.raises(ValueError, match='holds folds but no run record'): run_training(data, run, **TRAIN)
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('missing fold record', r"fold\(s\) \[1\] of the run .* are not finished .*--folds 0"),
+    ('a fold of another run', 'written by another run'),
+    ('missing weights', 'has a record but no weights'),
+    ('truncated weights', 'do not load into fold 1'),
+])
+def test_the_ensemble_refuses_an_incomplete_or_mixed_run(trained_run, tmp_path, damage, message):
+    run = copy_run(trained_run, tmp_path) / 'models'
+    paths = fold_paths(run, 1)
+    if damage == 'missing fold record': paths['record'].unlink()
+    elif damage == 'a fold of another run':              # fold 2 of a 3-fold run, copied among these 2
+        record = json.loads(fold_paths(run, 0)['record'].read_text())
+        fold_paths(run, 2)['record'].write_text(json.dumps({**record, 'fold': 2, 'n_folds': 3, 'run_id': 'another'}))
+        shutil.copy(fold_paths(run, 0)['weights'], fold_paths(run, 2)['weights'])
+    elif damage == 'missing weights': paths['weights'].unlink()
+    else: truncate(paths['weights'])
+    with pytest.raises(ValueError if damage != 'missing weights' else FileNotFoundError, match=message):
+        FoldEnsemble.from_dir(run, device='cpu')
+
+
+def test_the_finished_folds_can_be_ensembled_on_request(trained_run, tmp_path, capsys):
+    _, run, test_images = trained_run
+    run = copy_run(trained_run, tmp_path)
+    fold_paths(run / 'models', 1)['record'].unlink()
+    code, err = run_cli(['predict', str(run / 'models'), str(test_images[0].parent), '--out', str(tmp_path / 's.csv'), '--folds', '0'], capsys)
+    assert code == 0, err
+    assert len((tmp_path / 's.csv').read_text().splitlines()) == 1 + len(test_images)
+
+
+@pytest.mark.parametrize('content, message', [('', 'is damaged'), ('{"threshold": 0.4}', 'is damaged'),
+                                              ('{"threshold": 0.4, "min_area": 0, "run_id": "another"}', 'chosen for another run')])
+def test_a_damaged_or_stale_threshold_file_is_named(trained_run, tmp_path, content, message):
+    _, _, test_images = trained_run
+    run = copy_run(trained_run, tmp_path)
+    (run / 'models' / 'threshold.json').write_text(content)
+    with pytest.raises(ValueError, match=message): run_prediction(run / 'models', test_images, tmp_path / 's.csv')
+
+
+def test_a_truncated_oof_file_is_named(trained_run, tmp_path):
+    from fastunet.pipeline.records import out_of_fold
+    run = copy_run(trained_run, tmp_path)
+    truncate(fold_paths(run / 'models', 0)['oof'])
+    with pytest.raises(ValueError, match=r"fold_0_oof.npy' cannot be read .* retrain fold 0"): out_of_fold(run / 'models', 8)
+
+
+# ---------------------------------------------------------------- submissions (case 6)
+
+def test_two_images_with_one_id_are_refused(trained_run, tmp_path, capsys):
+    _, run, test_images = trained_run
+    folder = Path(shutil.copytree(test_images[0].parent, tmp_path / 'test'))
+    Image.open(folder / test_images[0].name).convert('L').save(folder / (test_images[0].stem + '.jpg'))
+    code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path / 's.csv')], capsys)
+    assert code == 1 and "belong to more than one image, e.g. [['0000.jpg', '0000.png']]" in err, err
+
+
+@pytest.mark.parametrize('mask, message', [
+    (np.array([[0.3, 0.9]]), 'pass threshold='),
+    (np.zeros((4, 4, 3), np.uint8), 'not an array of shape (4, 4, 3)'),
+    (np.array([[0, 255]], np.uint8), 'mask > 0 for a 0/255 mask'),
+    (np.zeros((2, 4, 4), bool), 'not an array of shape (2, 4, 4)'),
+])
+def test_rle_encode_refuses_what_is_not_one_binary_mask(mask, message):
+    with pytest.raises(ValueError) as error: rle_encode(mask)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize('cell', [float('nan'), None, ''])
+def test_rle_decode_of_an_empty_cell_is_an_empty_mask(cell):
+    assert rle_decode(cell, (3, 4)).sum() == 0
+
+
+# ---------------------------------------------------------------- reproducible (case 7) and temporary files (case 9)
+
+def test_the_same_command_twice_gives_the_same_losses(trained_run, tmp_path):
+    data, first, _ = trained_run
+    run_training(data, tmp_path / 'again', **TRAIN)
+    for fold in (0, 1):
+        one, two = (json.loads(fold_paths(run / 'models', fold)['record'].read_text()) for run in (first, tmp_path / 'again'))
+        assert one['history'] == two['history'] and one['valid_index'] == two['valid_index']
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(trained_run, tmp_path):
+    "A process killed while writing leaves its temporary files; the next run in that folder removes them."
+    data, _, test_images = trained_run
+    run = copy_run(trained_run, tmp_path)
+    script = ("import sys, time; from pathlib import Path; from fastunet.pipeline.files import atomic_write\n"
+              "for p in sys.argv[1:]: atomic_write(p, lambda t: (Path(t).write_text('half'), print(t, flush=True), time.sleep(60)))")
+    for target in (run / 'models' / 'fold_1.pth', tmp_path / 'submission.csv'):
+        writer = subprocess.Popen([sys.executable, '-c', script, str(target)], stdout=subprocess.PIPE, text=True)
+        temporary = Path(writer.stdout.readline().strip())
+        writer.kill(); writer.wait()
+        assert temporary.exists() and temporary.name.startswith(f'.{target.name}.')
+    run_training(data, run, **TRAIN)                                     # resumes: nothing to train, but it cleans up
+    run_prediction(run / 'models', test_images, tmp_path / 'submission.csv')
+    leftovers = [p.name for folder in (run, run / 'models', tmp_path) for p in folder.glob('.*.tmp')]
+    assert leftovers == []
+    atomic_write(tmp_path / 'x.txt', lambda p: p.write_text('ok'))      # and live writers' files are never taken
+    assert (tmp_path / 'x.txt').read_text() == 'ok'
+
+
+# ---------------------------------------------------------------- the fixes the data check names work
+
+def test_classes_named_by_the_check_train_and_predict_a_row_per_class(data_factory, tmp_path, capsys):
+    "Masks of codes 0..2 are refused with two classes ('pass --classes 3'); with --classes 3 they train, and the submission has a row per image and class."
+    data = data_factory(1, 3, size=(32, 32), n_images=8)
+    out = tmp_path / 'run'
+    code, err = run_cli(['train', str(data), '--out', str(out), '--arch', 'resnet10t', '--epochs', '1', '--bs', '2', '--folds', '2'], capsys)
+    assert code == 1 and 'pass --classes 3' in err, err
+    code, err = run_cli(['train', str(data), '--out', str(out), '--arch', 'resnet10t', '--epochs', '1', '--bs', '2', '--folds', '2',
+                         '--classes', '3'], capsys)
+    assert code == 0, err
+    record = json.loads(fold_paths(out / 'models', 0)['record'].read_text())
+    assert record['n_out'] == 3 and record['activation'] == 'softmax' and record['monitor'] == 'dice_multi'
+    test = images_of(data)[:2]
+    submission = run_prediction(out / 'models', test, tmp_path / 's.csv')
+    ids = [line.split(',')[0] for line in submission.read_text().splitlines()[1:]]
+    assert ids == [f'{p.stem}_{c}' for p in test for c in (1, 2)]
+    probs = FoldEnsemble.from_dir(out / 'models', device='cpu').predict(test, progress=False)
+    rows = dict(line.split(',') for line in submission.read_text().splitlines()[1:])
+    for image, image_probs in zip(test, probs):                         # each class's row is where it wins the argmax
+        for c in (1, 2): np.testing.assert_array_equal(rle_decode(rows[f'{image.stem}_{c}'], (32, 32)), (image_probs.argmax(0) == c).numpy())
+    with pytest.raises(ValueError, match='apply to binary models'): run_prediction(out / 'models', test, tmp_path / 't.csv', threshold=0.5)
