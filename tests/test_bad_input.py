@@ -366,6 +366,7 @@ def test_the_same_command_twice_gives_the_same_losses(trained_run, tmp_path):
     for fold in (0, 1):
         one, two = (json.loads(fold_paths(run / 'models', fold)['record'].read_text()) for run in (first, tmp_path / 'again'))
         assert one['history'] == two['history'] and one['valid_index'] == two['valid_index']
+        assert [set(epoch) for epoch in one['history']] == [{'train_loss', 'valid_loss', 'tgs_metric', 'iou'}] * TRAIN['epochs']
 
 
 def test_temporary_files_of_a_killed_run_are_removed_by_the_next(trained_run, tmp_path):

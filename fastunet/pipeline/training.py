@@ -90,8 +90,9 @@ def _check_arguments(df: pd.DataFrame, folds, epochs, lr, bs) -> list[int]:
 def _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args) -> dict:
     "The arguments that define a k-fold run, as JSON: a rerun with other ones is another run."
     assignment = [[Path(name).name, int(fold)] for name, fold in zip(item_names(dblock, df), df.fold)]
-    folds = dict(n_items=len(df), assignment=hashlib.sha1(json.dumps(assignment).encode()).hexdigest()[:12])
-    return dict(arch=arch_name(arch), items=folds, epochs=epochs, lr=lr, bs=bs, monitor=monitor, fine_tune=fine_tune,
+    digest = hashlib.sha1(json.dumps(assignment).encode()).hexdigest()[:8]
+    items = f'{len(df)} items, by name and fold #{digest}'      # another data set, seed or fold count changes it
+    return dict(arch=arch_name(arch), items=items, epochs=epochs, lr=lr, bs=bs, monitor=monitor, fine_tune=fine_tune,
                 init_dir=_described(init_dir), seed=seed, **_described(learner_kwargs or {}), **_described(run_args or {}))
 
 def _history(recorder) -> list[dict]:
@@ -151,6 +152,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
             if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
             else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
+            history = _history(learn.recorder)      # before get_preds, which the recorder also logs
             broadcast_state(learn.model)            # every rank holds rank 0's best epoch
             probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
         if not is_main_process():                   # rank 0 writes the fold; the others wait for it
@@ -164,6 +166,6 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=_normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
             best_epoch=keep_best.best_epoch, epochs=epochs, lr=lr, fine_tune=fine_tune, seed=seed, valid_index=valid_idx.tolist(),
-            history=_history(learn.recorder), seconds=round(time.time() - start, 1), versions=_versions()))
+            history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()
     return cv_table(out_dir)
