@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -24,7 +25,17 @@ from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.files import atomic_write
 from fastunet.pipeline.records import fold_paths, read_run
 from fastunet.pipeline.submission import rle_decode, rle_encode
-from fastunet.pipeline.workflow import run_prediction, run_training
+from fastunet.pipeline.splits import make_folds
+from fastunet.pipeline.training import train_folds
+from fastunet.pipeline.workflow import run_prediction, run_training, segmentation_block
+from fastunet.learner.data import MaskFromFolder
+from fastunet.learner.losses import BCELovaszLoss
+from fastai.data.block import DataBlock
+from fastai.data.core import Pipeline
+from fastai.data.transforms import ColReader
+from fastai.vision.augment import Resize, ResizeMethod
+from fastai.vision.core import PILImageBW
+from fastai.vision.data import ImageBlock, MaskBlock
 from fastunet.unet.model import MoreDynamicUnet
 
 TRAIN = dict(arch='resnet10t', n_folds=2, epochs=1, lr=3e-3, bs=2, seed=0)
@@ -73,7 +84,10 @@ def copy_run(trained_run, tmp_path) -> Path:
 
 @pytest.mark.parametrize('argv, message', [
     (['--epochs', '0'], '--epochs must be a whole number ≥ 1, not 0'),
-    (['--lr', '-1'], '--lr must be a positive learning rate'),
+    (['--lr', '-1'], '--lr must be a positive, finite learning rate'),
+    (['--lr', 'inf'], '--lr must be a positive, finite learning rate (e.g. 1e-3), not inf'),
+    (['--lr', 'nan'], '--lr must be a positive, finite learning rate (e.g. 1e-3), not nan'),
+    (['--seed', '-1'], '--seed must be a whole number ≥ 0, not -1'),
     (['--bs', '0'], '--bs must be a whole number ≥ 1, not 0'),
     (['--crop', '-5'], '--crop must be a whole number ≥ 1, not -5'),
     (['--fold', '7', '--folds', '5'], '--fold 7 is not one of the 5 folds 0..4'),
@@ -106,6 +120,17 @@ def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, arg
     assert not (tmp_path / 's.csv').exists()
 
 
+def test_prediction_names_a_file_that_is_not_an_image_and_an_out_that_is_a_folder(trained_run, tmp_path, capsys):
+    _, run, test_images = trained_run
+    folder = Path(shutil.copytree(test_images[0].parent, tmp_path / 'test'))
+    code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path)], capsys)
+    assert code == 1 and f"--out '{tmp_path}' is a folder" in err, err
+    (folder / '0001.png').write_text('not an image')
+    code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path / 's.csv')], capsys)
+    assert code == 1 and "0001.png' cannot be read as an image" in err and 'Traceback' not in err, err
+    assert not (tmp_path / 's.csv').exists()
+
+
 # ---------------------------------------------------------------- the data check, before the first epoch (cases 1 and 8)
 
 def truncate(path: Path) -> None: path.write_bytes(path.read_bytes()[:60])
@@ -124,7 +149,7 @@ DATA_CASES = {
     'mixed image sizes': (lambda d: [Image.fromarray(np.zeros((40, 40), np.uint8)).save(p) for p in (images_of(d)[0], masks_of(d)[0])],
                           [], ['2 different sizes', '40×40: 1 image(s)', '--resize S']),
     '0/255 masks without --binary-masks': (lambda d: damage_masks(d, lambda m: m * 255), [],
-                                           ['outside the class codes 0..1 (255)', 'pass --binary-masks', 'pass --classes 256']),
+                                           ['outside the class codes 0..1 (255)', 'pass --binary-masks']),
     '16-bit 0/65535 masks': (lambda d: damage_masks(d, lambda m: m.astype(np.uint16) * 65535), [],
                              ['holds uint16 values from 0 to 65535', 'binary=True (--binary-masks)']),
     'class codes 0..2 with two classes': (lambda d: damage_masks(d, lambda m: m * 2), [], ['(2)', 'pass --classes 3']),
@@ -132,6 +157,12 @@ DATA_CASES = {
     'all masks empty as 0/255 read with --binary-masks': (lambda d: damage_masks(d, np.zeros_like), ['--binary-masks'],
                                                           ['all 8 masks are empty']),
     'not an image': (lambda d: images_of(d)[4].write_text('hello'), [], ['cannot be read', '0004.png', 'UnidentifiedImageError']),
+    'the first file not an image': (lambda d: images_of(d)[0].write_text('hello'), [], ['cannot be read', '0000.png', 'UnidentifiedImageError']),
+    'the first image truncated': (lambda d: truncate(images_of(d)[0]), [], ['cannot be read', '0000.png']),
+    '16-bit images': (lambda d: [Image.fromarray(np.array(Image.open(p)).astype(np.uint16) * 16).save(p) for p in images_of(d)], [],
+                      ['8 item(s) cannot be read', "0000.png' is a I;16 image", 'would clip every value above 255']),
+    'all masks full (a white background) with --binary-masks': (lambda d: damage_masks(d, lambda m: np.full_like(m, 255)),
+                                                                ['--binary-masks'], ['all 8 masks are foreground at every pixel']),
 }
 
 
@@ -174,6 +205,19 @@ def test_mixed_sizes_train_with_resize_and_predict_at_each_image_size(data_facto
     rows = [line.split(',') for line in submission.read_text().splitlines()[1:]]
     assert rle_decode(rows[0][1], (36, 40)).shape == (36, 40)          # an RLE that fits the image's own size
     assert read_run(tmp_path / 'run' / 'models')['definition']['resize'] == 32
+    resize, = [t for t in segmentation_block(resize=32).item_tfms if isinstance(t, Resize)]   # squished, as prediction resizes
+    assert isinstance(resize, Resize) and resize.method == ResizeMethod.Squish
+
+
+def test_the_progress_bar_never_cuts_a_prediction_short(trained_run, tmp_path):
+    "Images of two sizes make more batches than len(items) / bs: every image still gets its prediction."
+    _, run, test_images = trained_run
+    wide = tmp_path / 'wide.png'
+    Image.open(test_images[0]).resize((48, 32)).save(wide)
+    items = [test_images[0], wide, test_images[1], wide, test_images[2]]           # 5 batches of bs=4, not 2
+    predictions = list(FoldEnsemble.from_dir(run / 'models', device='cpu').predict_iter(items, bs=4, progress=True))
+    assert [item for item, _ in predictions] == items
+    assert [tuple(probs.shape[-2:]) for _, probs in predictions] == [(32, 32), (32, 48), (32, 32), (32, 48), (32, 32)]
 
 
 # ---------------------------------------------------------------- weights= that do not fit (case 2)
@@ -275,9 +319,44 @@ def test_restart_replaces_the_run(trained_run, tmp_path):
     data, _, _ = trained_run
     run = copy_run(trained_run, tmp_path)
     (run / 'notes.txt').write_text('mine')
+    shutil.copy(fold_paths(run / 'models', 0)['weights'], run / 'models' / 'fold_0_good_backup.pth')
     report = run_training(data, run, **{**TRAIN, 'arch': 'resnet18d'}, restart=True)
     assert len(report['cv']) == 2 and json.loads(fold_paths(run / 'models', 0)['record'].read_text())['arch'] == 'resnet18d'
     assert (run / 'notes.txt').read_text() == 'mine'                    # only the run's own files were deleted
+    assert (run / 'models' / 'fold_0_good_backup.pth').exists()
+
+
+def nan_loss(pred, target): return pred.float().mean() * float('nan')
+
+
+def test_a_diverged_fold_is_refused_not_kept_and_a_corrected_rerun_needs_no_restart(data_factory, tmp_path):
+    "Case: NaN losses at every epoch kept a fold whose score was NaN; a rerun with a lower lr then met 'other arguments'."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    images = [str(p) for p in images_of(data)]
+    dblock = segmentation_block(1, binary_masks=True)
+    df = make_folds(images, n_folds=2, seed=0)
+    torch.backends.cudnn.benchmark = True
+    with pytest.raises(ValueError, match=r"fold 0 diverged: valid_loss was \[nan\] by epoch, never a number.*lr=0.003"):
+        train_folds(dblock, df, 'resnet10t', tmp_path, epochs=1, lr=3e-3, bs=2, seed=0, dls_kwargs=dict(num_workers=0),
+                    learner_kwargs=dict(n_out=1, pretrained=False, loss_func=nan_loss))
+    assert torch.backends.cudnn.benchmark                                 # a fold's deterministic settings do not outlive it
+    assert not list(tmp_path.glob('fold_*')) and read_run(tmp_path) is not None
+    cv = train_folds(dblock, df, 'resnet10t', tmp_path, epochs=1, lr=3e-3, bs=2, seed=0, dls_kwargs=dict(num_workers=0),
+                     learner_kwargs=dict(n_out=1, pretrained=False, loss_func=BCELovaszLoss()))     # no restart needed
+    assert len(cv) == 2 and cv.score.map(math.isfinite).all()
+
+
+def test_class_codes_are_checked_against_n_out_when_the_mask_block_has_no_codes(data_factory, tmp_path):
+    "MaskBlock() without codes and a 3-class model: codes 0..2 are right, not refused as 'outside 0..1'."
+    data = data_factory(1, 3, size=(32, 32), n_images=8)
+    dblock = DataBlock(blocks=(ImageBlock(PILImageBW), MaskBlock()), get_x=ColReader('item'),
+                       get_y=Pipeline([ColReader('item'), MaskFromFolder()]))
+    df = make_folds([str(p) for p in images_of(data)], n_folds=2, seed=0)
+    cv = train_folds(dblock, df, 'resnet10t', tmp_path, epochs=1, bs=2, seed=0, folds=[0], dls_kwargs=dict(num_workers=0),
+                     learner_kwargs=dict(n_out=3, pretrained=False))
+    assert len(cv) == 1
+    with pytest.raises(ValueError, match='outside the class codes 0..1'):                # and a binary model is refused them
+        train_folds(dblock, df, 'resnet10t', tmp_path / 'binary', epochs=1, bs=2, learner_kwargs=dict(n_out=1, pretrained=False))
 
 
 def test_folds_from_before_run_records_are_not_taken_for_this_run(trained_run, tmp_path):
@@ -353,7 +432,7 @@ def test_rle_encode_refuses_what_is_not_one_binary_mask(mask, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize('cell', [float('nan'), None, ''])
+@pytest.mark.parametrize('cell', [float('nan'), None, '', pd.NA, np.float32('nan')])
 def test_rle_decode_of_an_empty_cell_is_an_empty_mask(cell):
     assert rle_decode(cell, (3, 4)).sum() == 0
 
@@ -384,8 +463,12 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(trained_run, tm
     run_prediction(run / 'models', test_images, tmp_path / 'submission.csv')
     leftovers = [p.name for folder in (run, run / 'models', tmp_path) for p in folder.glob('.*.tmp')]
     assert leftovers == []
-    atomic_write(tmp_path / 'x.txt', lambda p: p.write_text('ok'))      # and live writers' files are never taken
-    assert (tmp_path / 'x.txt').read_text() == 'ok'
+    live = subprocess.Popen([sys.executable, '-c', script, str(run / 'models' / 'fold_0.pth')], stdout=subprocess.PIPE, text=True)
+    try:                                                                 # a writer still at work keeps its file
+        temporary = Path(live.stdout.readline().strip())
+        run_training(data, run, **TRAIN)
+        assert temporary.exists()
+    finally: live.kill(); live.wait()
 
 
 # ---------------------------------------------------------------- the fixes the data check names work

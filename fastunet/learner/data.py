@@ -13,7 +13,8 @@ from PIL import Image
 from fastai.vision.core import PILImage, PILImageBW, PILMask
 
 # %% auto #0
-__all__ = ['IMAGE_CLASSES', 'IMAGE_MODES', 'PILImageRGBA', 'image_class', 'image_channels', 'image_tensor', 'MaskFromFolder']
+__all__ = ['IMAGE_CLASSES', 'IMAGE_MODES', 'HIGH_BIT_MODES', 'PILImageRGBA', 'image_class', 'image_channels', 'check_bit_depth',
+           'image_tensor', 'MaskFromFolder']
 
 # %% ../../nbs/23_learner.data.ipynb #55b5abb5
 class PILImageRGBA(PILImage):
@@ -36,10 +37,29 @@ def image_channels(path: str | Path) -> int:
     return 1 if Image.getmodebands(mode) == 1 and mode != 'P' else 3
 
 # %% ../../nbs/23_learner.data.ipynb #5a64d57a
+HIGH_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')     # PIL's 16-bit, 32-bit integer and float modes
+
+def check_bit_depth(image: Image.Image, name: str | Path) -> None:
+    "Refuse a 16-bit or float image whose values exceed 255: reading it as 8 bits (as fastai does) would clip them all to 255."
+    if image.mode not in HIGH_BIT_MODES: return
+    low, high = image.getextrema()
+    if high > 255 or low < 0:
+        raise ValueError(f"'{name}' is a {image.mode} image (16-bit or float) with values from {low} to {high}: fastunet reads "
+                         f"8-bit images, and reading it as one would clip every value above 255. Convert the images to 8 bits "
+                         f"first, scaled as suits the data (e.g. np.uint8(array / array.max() * 255)).")
+
 def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -> torch.Tensor:
     "An image (path, PIL image or HxW[xC] uint8 array) as a float CHW tensor in [0, 1] with `n_channels` channels."
-    if isinstance(item, (str, Path)): item = Image.open(item)
-    if isinstance(item, Image.Image): item = np.array(item.convert(IMAGE_MODES[n_channels]))
+    name = item if isinstance(item, (str, Path)) else 'the image'
+    if isinstance(item, (str, Path)):
+        try: item = Image.open(item)
+        except Exception as e: raise ValueError(f"'{name}' cannot be read as an image ({type(e).__name__}: {e})") from e   # noqa: BLE001
+    if isinstance(item, Image.Image):
+        check_bit_depth(item, name)
+        try: item = np.array(item.convert(IMAGE_MODES[n_channels]))
+        except OSError as e: raise ValueError(f"'{name}' cannot be read as an image ({type(e).__name__}: {e})") from e
+    if np.asarray(item).dtype != np.uint8:
+        raise ValueError(f"image arrays must hold uint8 values 0..255; got {np.asarray(item).dtype}: convert it (e.g. np.uint8(array * 255))")
     array = np.asarray(item, dtype=np.float32) / 255.
     if array.ndim == 2: array = array[..., None]
     if array.shape[-1] != n_channels:
@@ -71,10 +91,13 @@ class MaskFromFolder:
         "The mask of `image_path` as a 2-D uint8 array of class codes (0/1 for binary masks)."
         path = self.existing_path(image_path)
         with Image.open(path) as mask:
+            if self.binary and mask.mode in ('P', 'PA'): mask = mask.convert('RGBA')   # a foreground mask: the colours shown
             values = np.array(mask)                    # palette masks: their indices; 16-bit masks: their values
             has_alpha = mask.mode in ('RGBA', 'LA', 'PA')
         if self.binary:
-            if values.ndim == 3: values = values[..., :-1] if has_alpha else values
+            if has_alpha:                              # drawn in its transparency (one colour) or in colour (alpha ignored)
+                colour, alpha = values[..., :-1], values[..., -1]
+                values = alpha if colour.min() == colour.max() and alpha.min() != alpha.max() else colour
             return (values.reshape(*values.shape[:2], -1) != 0).any(-1).astype(np.uint8)
         if values.ndim != 2:
             raise ValueError(f"mask '{path}' has {values.shape[-1]} channels, but class-code masks have one: save it as a "

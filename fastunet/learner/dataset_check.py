@@ -21,6 +21,8 @@ from fastai.vision.augment import CropPad, RandomCrop, RandomResizedCrop, Resize
 from fastai.vision.core import AddMaskCodes
 from PIL import Image
 
+from .data import check_bit_depth
+
 # %% auto #0
 __all__ = ['DEFAULT_FIXES', 'SIZING_TRANSFORMS', 'ItemCheck', 'DataSummary', 'check_segmentation_data', 'mask_classes',
            'item_names', 'check_datablock']
@@ -61,6 +63,8 @@ def _size(image) -> tuple[int, int]:
 
 def _read_item(name: str, read: Callable, index: int, class_targets: bool) -> ItemCheck:
     try:
+        if os.path.isfile(name):                        # an image file: 16-bit values would be clipped by reading it as 8-bit
+            with Image.open(name) as source: check_bit_depth(source, name)
         image, target = read(index)
         check = ItemCheck(name, _size(image), _size(target))
         if class_targets:
@@ -95,14 +99,19 @@ def _problems(summary: DataSummary, n_classes: int | None, same_size: bool, crop
         out_of_range = [i for i in read if i.values.max() >= n_classes or i.values.min() < 0]
         if out_of_range:
             values = sorted(set().union(*(map(int, i.values) for i in out_of_range)) - set(range(n_classes)))
-            fix = (f"If they are foreground masks, {fixes['binary']}. If they are class codes, "
-                   + fixes['classes'].format(n=max(values) + 1) + '.')
+            codes = max(values) < 64             # a few codes; 0/255 (or 16-bit 0/65535) are foreground masks, not 256 classes
+            fix = (f"If they are foreground masks, {fixes['binary']}." +
+                   (f" If they are class codes, {fixes['classes'].format(n=max(values) + 1)}." if codes else ''))
             problems.append(f"{len(out_of_range)} mask(s) hold values outside the class codes 0..{n_classes - 1} "
-                            f"({_listed([str(v) for v in values], len(values), 10)}), e.g. "
+                            f"({_listed([str(v) for v in values], len(values), 10)}), e.g. the masks of "
                             + _listed([f"'{i.name}'" for i in out_of_range], len(out_of_range)) + f". {fix}")
         elif all(i.values.max() == 0 for i in read):
             problems.append(f"all {len(read)} masks are empty (every value 0) as read: a model that predicts nothing would "
                             f"score perfectly on them. Check the mask folder, and that the foreground is stored as non-zero.")
+        elif all(i.coverage == 1 for i in read):
+            problems.append(f"all {len(read)} masks are foreground at every pixel as read: a model that predicts everywhere would "
+                            f"score perfectly on them. Check the mask folder, and that the background is stored as 0 "
+                            f"(a white background is foreground to a foreground mask).")
     if same_size and len(summary.sizes) > 1:
         examples = {}
         for i in read: examples.setdefault(i.image_size, i.name)
@@ -154,18 +163,32 @@ def item_names(dblock: DataBlock, df: pd.DataFrame) -> list[str]:
     get_x = dblock.get_x or (lambda row: row)
     return [str(get_x(row)) for _, row in df.iterrows()]
 
+def _datasets(dblock: DataBlock, df: pd.DataFrame, names: list[str], tries: int = 20) -> tuple:
+    """Every row as one training set, and each row's position in it. fastai reads the first item to set up its transforms:
+    where that item cannot be read, another is put first, so that the check can name every item that cannot."""
+    errors = []
+    for first in range(min(tries, len(df))):
+        order = [first, *(i for i in range(len(df)) if i != first)]
+        every_item = copy.copy(dblock)
+        every_item.splitter = lambda items, order=order: (order, [])
+        try: dataset = every_item.datasets(df).train
+        except Exception as e:   # noqa: BLE001: this item cannot be read; the next one sets the transforms up
+            errors.append(f"'{names[first]}': {type(e).__name__}: {e}")
+            continue
+        position = {index: at for at, index in enumerate(order)}
+        return dataset, position
+    raise ValueError(f"the data cannot train: the first {len(errors)} items cannot be read: " + _listed(errors, len(errors)))
+
 def check_datablock(dblock: DataBlock,                   # how items are read (its type transforms) and sized (its item transforms)
                     df: pd.DataFrame,                    # the items
                     n_classes: int | None = None,        # default: the MaskBlock's codes (at least 2); image targets: None
                     fixes: dict[str, str] | None = None  # how a user fixes each problem (`DEFAULT_FIXES`' keys)
                     ) -> DataSummary:
     "`check_segmentation_data` on every row of `df` as `dblock` reads it."
-    every_item = copy.copy(dblock)
-    every_item.splitter = lambda items: (list(range(len(items))), [])
-    dataset = every_item.datasets(df).train
     names = item_names(dblock, df)
+    dataset, position = _datasets(dblock, df, names)
     class_targets = any(isinstance(t, AddMaskCodes) for t in dblock.item_tfms)     # a MaskBlock, with or without codes
     if class_targets and n_classes is None: n_classes = max(mask_classes(dblock) or 2, 2)
     sized = any(isinstance(t, SIZING_TRANSFORMS) for t in dblock.item_tfms)
-    return check_segmentation_data(names, dataset.__getitem__, n_classes if class_targets else None,
+    return check_segmentation_data(names, lambda index: dataset[position[index]], n_classes if class_targets else None,
                                    same_size=not sized, crop=_crop_size(dblock), fixes=fixes)

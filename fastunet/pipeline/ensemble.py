@@ -83,9 +83,9 @@ class FoldEnsemble:
                      progress: bool = True                    # show a progress bar
                      ) -> Iterator[tuple[object, torch.Tensor]]:
         "Stream (item, probabilities (n_out, H, W)) pairs, batch by batch."
-        batches = self._batches(items, bs)
-        n_batches = None if not hasattr(items, '__len__') else -(-len(items) // bs)
-        for batch, x in (progress_bar(batches, total=n_batches, leave=False) if progress else batches):
+        # the bar counts images read, not batches: images of another size start a batch early, so batches cannot be counted
+        source = progress_bar(items, total=None if hasattr(items, '__len__') else 'noinfer', leave=False) if progress else items
+        for batch, x in self._batches(source, bs):
             original = x.shape[-2:]
             if size is not None: x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
             probs = self.predict_batch(x, tta)

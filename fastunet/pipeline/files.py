@@ -8,6 +8,7 @@ and the temporary files a killed run leaves behind are removed by the next run i
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 import time
@@ -31,25 +32,32 @@ def _temporary_prefix(path: Path) -> str:
     "Temporary files of `path` are named `.{name}.{host}.{pid}.{random}.tmp`: the writer can be told alive or dead."
     return f'.{path.name}.{_HOST}.{os.getpid()}.'
 
-def _process_alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
+# exactly what `atomic_write` names its files (mkstemp's random part: 8 of [a-z0-9_]); a user's `.notes.old.tmp` never matches
+_TEMPORARY = re.compile(r'^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$')
+
+def _process_alive(pid: int) -> bool | None:
+    "Is process `pid` of this machine running? None where that cannot be asked safely (on Windows `os.kill` would end it)."
+    if os.name == 'nt': return None
+    try: os.kill(pid, 0)                     # signal 0: nothing is sent, only whether the process exists
     except ProcessLookupError: return False
     except PermissionError: return True      # someone else's process
     return True
 
-def _is_stale(temporary: Path) -> bool:
+def _is_stale(temporary: Path, host: str, pid: int) -> bool:
     "Was `temporary` left by a writer that is gone (a killed run)? Live writers, here or on another machine, keep theirs."
-    host, pid = (temporary.name.rsplit('.', 4)[1:3] + ['', ''])[:2]
-    if host == _HOST and pid.isdigit(): return not _process_alive(int(pid))
-    try: return time.time() - temporary.stat().st_mtime > STALE_AFTER_S
+    alive = _process_alive(pid) if host == _HOST else None
+    if alive is not None: return not alive
+    try: return time.time() - temporary.stat().st_mtime > STALE_AFTER_S   # another machine's (or Windows): a day old
     except FileNotFoundError: return False
 
-def remove_stale_temporaries(folder: str | Path, name: str = '*') -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
     "Delete the temporary files that killed writers left in `folder` (of the file `name` only, if given); returns them."
     folder, removed = Path(folder), []
     if not folder.is_dir(): return removed
-    for temporary in folder.glob(f'.{name}.*.tmp'):
-        if _is_stale(temporary):
+    for temporary in folder.glob('.*.tmp'):
+        parts = _TEMPORARY.match(temporary.name)
+        if parts is None or (name is not None and parts['name'] != name): continue
+        if _is_stale(temporary, parts['host'], int(parts['pid'])):
             temporary.unlink(missing_ok=True)
             removed.append(temporary)
     return removed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -46,11 +47,25 @@ def _changes(then: dict, now: dict) -> str:
     return '; '.join(f"{key} {then.get(key, '(not set)')!r} then, {now.get(key, '(not set)')!r} now"
                      for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key))
 
+_FOLD_FILE = re.compile(r'^fold_(\d+)(\.json|\.pth|_oof\.npy)$')    # exactly the names `fold_paths` gives
+
+def _fold_files(out_dir: Path, kind: str | None = None) -> list[Path]:
+    "The files of every fold in `out_dir` (only records with kind='.json'); a user's `fold_0_backup.pth` is not one."
+    return sorted(p for p in out_dir.glob('fold_*') if (m := _FOLD_FILE.match(p.name)) and (kind is None or m[2] == kind))
+
 def clear_run(out_dir: str | Path) -> None:
     "Delete what a run wrote in `out_dir` (its record and every fold's files); nothing else in the folder is touched."
     out_dir = Path(out_dir)
-    for pattern in (RUN_FILE, 'fold_*.json', 'fold_*.pth', 'fold_*_oof.npy'):
-        for path in out_dir.glob(pattern): path.unlink()
+    for path in [out_dir / RUN_FILE, *_fold_files(out_dir)]: path.unlink(missing_ok=True)
+
+def _finished_folds(out_dir: Path, run_id: str) -> list[int]:
+    "The folds whose record says they were finished by run `run_id`."
+    finished = []
+    for path in _fold_files(out_dir, '.json'):
+        try: record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError): continue
+        if isinstance(record, dict) and record.get('run_id') == run_id: finished.append(int(_FOLD_FILE.match(path.name)[1]))
+    return finished
 
 def open_run(out_dir: str | Path,                 # the run folder
              definition: dict,                    # the arguments that define the run (JSON values)
@@ -63,6 +78,9 @@ def open_run(out_dir: str | Path,                 # the run folder
     out_dir, folds = Path(out_dir), [int(f) for f in folds]
     run = dict(run_id=_run_id(dict(definition, folds=folds)), folds=folds, definition=definition)
     existing = read_run(out_dir)
+    if existing is not None and existing['run_id'] != run['run_id'] and not _finished_folds(out_dir, existing['run_id']):
+        existing = None                          # a run that finished no fold (it failed or was stopped early): nothing to keep
+        if write: print(f"'{out_dir}' held a run that finished no fold; it is replaced by this one")
     if existing is not None:
         if existing['run_id'] != run['run_id']:
             then, now = dict(existing['definition'], folds=existing['folds']), dict(definition, folds=folds)
@@ -70,7 +88,7 @@ def open_run(out_dir: str | Path,                 # the run folder
                              f"arguments it was made with; to keep it and start another, {fixes['out']}; to replace it, "
                              f"{fixes['restart']} (which deletes its folds).")
         return existing
-    if any(out_dir.glob('fold_*.json')) or any(out_dir.glob('fold_*.pth')):
+    if _fold_files(out_dir, '.json') or _fold_files(out_dir, '.pth'):
         raise ValueError(f"'{out_dir}' holds folds but no run record ({RUN_FILE}): they were written by an older fastunet, and "
                          f"which arguments made them is unknown. To keep them, {fixes['out']}; to replace them, {fixes['restart']}.")
     if write: atomic_write(out_dir / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
@@ -91,6 +109,8 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     try: state = torch.load(paths['weights'], map_location='cpu', weights_only=True)
     except Exception as e: return f"its weights '{paths['weights']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if not isinstance(state, dict) or not state: return f"its weights '{paths['weights']}' hold no state dict"
+    if not all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
+        return f"its weights '{paths['weights']}' hold NaN or infinite values"
     try: n_predictions = len(np.load(paths['oof'], mmap_mode='r'))
     except Exception as e: return f"its out-of-fold predictions '{paths['oof']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if n_predictions != len(valid_index):
@@ -115,7 +135,7 @@ def save_fold_record(out_dir: str | Path, record: dict) -> Path:
 def _read_records(out_dir: str | Path) -> list[dict]:
     "The fold records in `out_dir` (possibly none), ordered by fold."
     records = []
-    for path in Path(out_dir).glob('fold_*.json'):
+    for path in _fold_files(Path(out_dir), '.json'):
         try: record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"fold record '{path}' is not valid JSON ({e}): retrain that fold") from e
@@ -130,7 +150,7 @@ def _check_complete(model_dir: Path, records: list[dict], wanted: list[int] | No
     "The records of the folds `wanted` (default: every fold of the run), refusing folds of another run and missing ones."
     run = read_run(model_dir)
     if run is not None:
-        strangers = [r['fold'] for r in records if r.get('run_id') != run['run_id']]
+        strangers = [r['fold'] for r in records if r.get('run_id') != run['run_id'] and (wanted is None or r['fold'] in wanted)]
         if strangers:
             raise ValueError(f"fold(s) {strangers} in '{model_dir}' were written by another run than the one its run.json "
                              f"describes: delete them, or retrain them by rerunning the training command of this run")
@@ -147,9 +167,10 @@ def _check_complete(model_dir: Path, records: list[dict], wanted: list[int] | No
     missing = [f for f in wanted if f not in done]
     if missing:
         finished = [f for f in wanted if f in done]
-        raise ValueError(f"fold(s) {missing} of the run in '{model_dir}' are not finished (no fold_k.json): finish them by rerunning "
-                         f"the training command (it resumes), or ensemble only the finished ones, {finished} "
-                         f"(folds={finished}, fastunet predict --folds {','.join(map(str, finished)) or 'K'})")
+        finish = ("finish them by rerunning the training command (it resumes)" if run is not None else
+                  "they were written before run records, so a rerun cannot resume them: retrain with --restart (restart=True)")
+        raise ValueError(f"fold(s) {missing} of the run in '{model_dir}' are not finished (no fold_k.json): {finish}, or ensemble "
+                         f"only the finished ones, {finished} (folds={finished}, fastunet predict --folds {','.join(map(str, finished)) or 'K'})")
     return [r for r in records if r['fold'] in wanted]
 
 def load_fold_records(model_dir: str | Path,                # a run folder written by `train_folds`

@@ -7,11 +7,11 @@ submission file written atomically."""
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Iterable, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .files import atomic_write
@@ -47,7 +47,7 @@ def rle_decode(rle: str | None, shape: tuple[int, int]) -> np.ndarray:
     "The uint8 mask (0/1) of `shape` (height, width) that `rle_encode` made `rle` from; an empty cell (None, NaN, '') is empty."
     height, width = shape
     flat = np.zeros(height * width, dtype=np.uint8)
-    if rle is None or (isinstance(rle, float) and math.isnan(rle)): rle = ''
+    if not isinstance(rle, str) and np.ndim(rle) == 0 and pd.isna(rle): rle = ''   # None, NaN, pd.NA: how pandas reads an empty cell
     if not isinstance(rle, str): raise ValueError(f"an RLE is a string of start/length pairs, not {type(rle).__name__} {rle!r}")
     try: numbers = [int(n) for n in rle.split()]
     except ValueError as e: raise ValueError(f"an RLE holds whole numbers only; got {rle[:40]!r}") from e

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +32,11 @@ from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
-from .records import clear_run, cv_table, fold_paths, fold_problem, open_run, save_fold_record
+from .records import clear_run, cv_table, fold_paths, fold_problem, open_run, read_run, save_fold_record
 from .tta import activation_name
 
 # %% auto #0
-__all__ = ['KeepBestEpoch', 'train_folds']
+__all__ = ['KeepBestEpoch', 'check_whole', 'check_learning_rate', 'fold_seed', 'train_folds']
 
 # %% ../../nbs/34_pipeline.training.ipynb #e886b87c
 class KeepBestEpoch(TrackerCallback):
@@ -69,21 +71,35 @@ def _described(value):
     "A JSON value that stands for `value` in a run's definition: itself where JSON holds it, else its name (a loss, a metric)."
     if isinstance(value, UnetConfig): return value.as_dict()
     if value is None or isinstance(value, (str, int, float, bool)): return value
+    if isinstance(value, slice): return f'slice({value.start}, {value.stop})'
     if isinstance(value, Path): return str(value)
     if isinstance(value, (list, tuple)): return [_described(v) for v in value]
     if isinstance(value, dict): return {str(k): _described(v) for k, v in value.items()}
     return getattr(value, '__name__', type(value).__name__)
 
-def _check_arguments(df: pd.DataFrame, folds, epochs, lr, bs) -> list[int]:
+def check_whole(value, name: str, smallest: int = 1, optional: bool = False) -> None:
+    "Refuse `value` unless it is a whole number ≥ `smallest` (or None, if `optional`), naming the argument."
+    if optional and value is None: return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < smallest:
+        raise ValueError(f"{name} must be a whole number ≥ {smallest}, not {value!r}")
+
+def check_learning_rate(lr, name: str = 'lr') -> None:
+    "Refuse a learning rate (or fastai's `slice(low, high)`) that is not positive and finite: NaN and inf train nothing."
+    rates = [r for r in (lr.start, lr.stop) if r is not None] if isinstance(lr, slice) else [lr]
+    if not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
+        raise ValueError(f"{name} must be a positive, finite learning rate (e.g. 1e-3), not {lr!r}")
+
+def _check_arguments(df: pd.DataFrame, folds, epochs, lr, bs, seed) -> list[int]:
     "The folds to train, once every argument has been checked; a message names the argument that is wrong."
     if 'fold' not in df.columns: raise ValueError("df needs a 'fold' column: use fastunet.pipeline.splits.make_folds")
-    if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a whole number ≥ 1, not {epochs!r}")
-    if not lr > 0: raise ValueError(f"lr must be a positive learning rate (e.g. 1e-3), not {lr!r}")
-    if not isinstance(bs, int) or bs < 1: raise ValueError(f"bs must be a batch size ≥ 1, not {bs!r}")
+    check_whole(epochs, 'epochs')
+    check_learning_rate(lr)
+    check_whole(bs, 'bs')
+    check_whole(seed, 'seed', 0, optional=True)
     all_folds = sorted(int(f) for f in df.fold.unique())
     unknown = [f for f in (folds or []) if f not in all_folds]
     if unknown: raise ValueError(f"fold(s) {unknown} are not in df.fold, whose folds are {all_folds}")
-    small = [f for f in all_folds if (df.fold == f).sum() < 1 or (df.fold != f).sum() < bs]
+    small = [f for f in all_folds if (df.fold != f).sum() < bs]
     if small: raise ValueError(f"with bs={bs}, fold(s) {small} leave fewer training items than one batch: lower bs")
     return all_folds if folds is None else [int(f) for f in folds]
 
@@ -92,8 +108,39 @@ def _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, 
     assignment = [[Path(name).name, int(fold)] for name, fold in zip(item_names(dblock, df), df.fold)]
     digest = hashlib.sha1(json.dumps(assignment).encode()).hexdigest()[:8]
     items = f'{len(df)} items, by name and fold #{digest}'      # another data set, seed or fold count changes it
-    return dict(arch=arch_name(arch), items=items, epochs=epochs, lr=lr, bs=bs, monitor=monitor, fine_tune=fine_tune,
-                init_dir=_described(init_dir), seed=seed, **_described(learner_kwargs or {}), **_described(run_args or {}))
+    return dict(arch=arch_name(arch), items=items, epochs=epochs, lr=_described(lr), bs=bs, monitor=monitor, fine_tune=fine_tune,
+                init_dir=_described(init_dir), seed=seed, learner=_described(learner_kwargs or {}), **_described(run_args or {}))
+
+def fold_seed(seed: int, fold: int) -> int:
+    "Fold `fold`'s own seed: runs with seeds 0 and 1 share no fold's seed (as `seed + fold` would)."
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+@contextmanager
+def _seeded(seed: int | None):
+    "Every generator seeded for one fold; cuDNN's deterministic settings only for that fold (they slow everything after)."
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    if seed is not None: set_seed(seed, reproducible=True)
+    try: yield
+    finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+def _finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+def _check_trained(fold: int, model, keep_best, history: list[dict], monitor: str, lr) -> None:
+    "Refuse to keep a fold that diverged: no epoch with a finite score, or weights that hold NaN."
+    if keep_best.best_epoch is None:
+        raise ValueError(f"fold {fold} diverged: {monitor} was {[epoch.get(monitor) for epoch in history]} by epoch, never a number, "
+                         f"so there is no model to keep. Lower the learning rate (lr={lr}) and rerun; the finished folds are kept.")
+    if not _finite(unwrap_model(model).state_dict()):
+        raise ValueError(f"fold {fold}'s best weights (epoch {keep_best.best_epoch}) hold NaN or infinite values: lower the "
+                         f"learning rate (lr={lr}) and rerun; the finished folds are kept.")
+
+def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
+    "Another process may have replaced the run (another --restart, other arguments) while this fold trained."
+    current = read_run(out_dir)
+    if current is None or current['run_id'] != run['run_id']:
+        raise ValueError(f"while fold {fold} trained, another process replaced or deleted the run record in '{out_dir}': "
+                         f"fold {fold} is not saved, since it belongs to a run that is no longer there")
 
 def _history(recorder) -> list[dict]:
     "Each epoch's losses and metrics, as the recorder holds them."
@@ -111,7 +158,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 fine_tune: bool = False,                # `fine_tune` (frozen epoch, then unfrozen) instead of `fit_one_cycle`
                 init_dir: str | Path | None = None,     # start each fold from that run's weights (progressive resizing)
                 bs: int = 16,                           # batch size
-                seed: int | None = None,                # each fold starts from seed + fold: the same call gives the same losses (CPU)
+                seed: int | None = None,                # each fold starts from its own seed drawn from it: the same call gives the same losses (CPU)
                 dls_kwargs: dict | None = None,         # more arguments for `dblock.dataloaders` (num_workers, …)
                 learner_kwargs: dict | None = None,     # more arguments for `more_dynamic_unet_learner` (loss, metrics, options)
                 cbs: list | None = None,                # callbacks for every fit
@@ -121,9 +168,10 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 fixes: dict | None = None               # how the user fixes a refused run or data set, in their words (the CLI's flags)
                 ) -> pd.DataFrame:
     "Train (or resume) one model per fold of `df.fold`; returns the CV table (one row per fold, from the records)."
-    to_train = _check_arguments(df, folds, epochs, lr, bs)
+    to_train = _check_arguments(df, folds, epochs, lr, bs, seed)
     all_folds = sorted(int(f) for f in df.fold.unique())
-    if check_data: check_datablock(dblock, df, n_classes=None, fixes=fixes)
+    n_out = (learner_kwargs or {}).get('n_out')                 # the classes the model will predict, where the MaskBlock has no codes
+    if check_data: check_datablock(dblock, df, n_classes=None if n_out is None else max(int(n_out), 2), fixes=fixes)
     out_dir = Path(out_dir)
     definition = _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args)
     if is_main_process():
@@ -138,26 +186,29 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         problem = fold_problem(out_dir, fold, run, valid_idx)
         if problem is None: continue                    # done and sound: an earlier run finished it
         if problem != 'not started' and is_main_process(): print(f'fold {fold} is trained again: {problem}')
-        if seed is not None: set_seed(seed + fold, reproducible=True)
+        this_seed = None if seed is None else fold_seed(seed, fold)
         fold_block = copy.copy(dblock)                  # the caller's block keeps its own splitter
         fold_block.splitter = IndexSplitter(valid_idx)
-        loader_kwargs = dict(dict(seed=None if seed is None else seed + fold), **(dls_kwargs or {}))
-        # through the class: a DataBlock keeps `dataloaders` as a method bound to itself, which the copy shares
-        dls = type(dblock).dataloaders(fold_block, df, bs=bs, **loader_kwargs)
-        learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
-        if init_dir is not None:
-            learn.model.load_state_dict(torch.load(fold_paths(init_dir, fold)['weights'], map_location='cpu', weights_only=True))
-        keep_best = KeepBestEpoch(monitor=monitor)
-        start = time.time()
-        with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
-            if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
-            else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
-            history = _history(learn.recorder)      # before get_preds, which the recorder also logs
-            broadcast_state(learn.model)            # every rank holds rank 0's best epoch
-            probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
+        loader_kwargs = dict(dict(seed=this_seed), **(dls_kwargs or {}))
+        with _seeded(this_seed):
+            # through the class: a DataBlock keeps `dataloaders` as a method bound to itself, which the copy shares
+            dls = type(dblock).dataloaders(fold_block, df, bs=bs, **loader_kwargs)
+            learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
+            if init_dir is not None:
+                learn.model.load_state_dict(torch.load(fold_paths(init_dir, fold)['weights'], map_location='cpu', weights_only=True))
+            keep_best = KeepBestEpoch(monitor=monitor)
+            start = time.time()
+            with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
+                if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
+                else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
+                history = _history(learn.recorder)      # before get_preds, which the recorder also logs
+                broadcast_state(learn.model)            # every rank holds rank 0's best epoch
+                _check_trained(fold, learn.model, keep_best, history, monitor, lr)     # on every rank: all stop together
+                probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
         if not is_main_process():                   # rank 0 writes the fold; the others wait for it
             barrier()
             continue
+        _check_still_the_run(out_dir, run, fold)
         atomic_write(fold_paths(out_dir, fold)['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))
         atomic_write(fold_paths(out_dir, fold)['weights'], lambda p: torch.save(learn.model.state_dict(), p))
         model = learn.model
@@ -165,7 +216,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             fold=fold, n_folds=len(all_folds), run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,
             n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=_normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
-            best_epoch=keep_best.best_epoch, epochs=epochs, lr=lr, fine_tune=fine_tune, seed=seed, valid_index=valid_idx.tolist(),
+            best_epoch=keep_best.best_epoch, epochs=epochs, lr=_described(lr), fine_tune=fine_tune, seed=seed, valid_index=valid_idx.tolist(),
             history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()
     return cv_table(out_dir)

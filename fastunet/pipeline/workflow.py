@@ -19,7 +19,7 @@ from fastai.data.core import Pipeline
 from fastai.data.transforms import ColReader
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import DiceMulti
-from fastai.vision.augment import Flip, RandomCrop, Resize
+from fastai.vision.augment import Flip, RandomCrop, Resize, ResizeMethod
 from fastai.vision.data import ImageBlock, MaskBlock
 
 from ..encoders.registry import from_scratch
@@ -34,13 +34,13 @@ from .files import atomic_write, remove_stale_temporaries
 from .records import out_of_fold, read_run
 from .splits import coverage_bins, make_folds
 from .submission import apply_threshold, rle_encode, search_threshold, write_submission
-from .training import train_folds
+from .training import check_learning_rate, check_whole, train_folds
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'CLI_FIXES', 'list_images', 'segmentation_block', 'run_training', 'run_prediction']
 
 # %% ../../nbs/37_pipeline.workflow.ipynb #608bed8c
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
 def list_images(folder: str | Path) -> list[Path]:
     "The images in `folder`, sorted by name; two files that would share an id (`00.png`, `00.jpg`) are refused."
@@ -58,7 +58,8 @@ def list_images(folder: str | Path) -> list[Path]:
 def segmentation_block(n_channels: int = 1, mask_folder: str = 'masks', binary_masks: bool = False,
                        crop: int | None = None, resize: int | None = None, classes: int = 2) -> DataBlock:
     "A DataBlock over a DataFrame whose `item` column holds image paths; masks come from the sibling folder."
-    item_tfms = [RandomCrop(crop)] if crop else [Resize(resize)] if resize else []
+    # squished, as `FoldEnsemble` resizes at prediction (fastai's default, a crop, would train on what prediction never sees)
+    item_tfms = [RandomCrop(crop)] if crop else [Resize(resize, method=ResizeMethod.Squish)] if resize else []
     codes = ['background', 'foreground'] if classes == 2 else [f'class_{i}' for i in range(classes)]
     return DataBlock(blocks=(ImageBlock(image_class(n_channels)), MaskBlock(codes)),
                      get_x=ColReader('item'), get_y=Pipeline([ColReader('item'), MaskFromFolder(mask_folder, binary=binary_masks)]),
@@ -69,29 +70,31 @@ CLI_FIXES = dict(binary='pass --binary-masks (any non-zero value is foreground)'
                  crop='pass --crop {side} or smaller, or --resize', restart='pass --restart', out='pass another --out')
 
 # %% ../../nbs/37_pipeline.workflow.ipynb #a7fd68b1
-def _whole(value, flag: str, smallest: int = 1, optional: bool = False) -> None:
-    "Refuse `value` unless it is a whole number ≥ `smallest` (or None, if `optional`), naming the option."
-    if optional and value is None: return
-    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-        raise ValueError(f"{flag} must be a whole number ≥ {smallest}, not {value!r}")
-
-def _check_training_arguments(n_folds, fold, epochs, lr, bs, crop, resize, classes, binary_masks, restart) -> None:
+def _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart) -> None:
     "Every argument checked before any work, each message naming its option."
-    _whole(n_folds, '--folds', 2)
-    _whole(fold, '--fold', 0, optional=True)
+    check_whole(n_folds, '--folds', 2)
+    check_whole(fold, '--fold', 0, optional=True)
     if fold is not None and fold >= n_folds: raise ValueError(f"--fold {fold} is not one of the {n_folds} folds 0..{n_folds - 1}")
-    _whole(epochs, '--epochs')
-    if not lr > 0: raise ValueError(f"--lr must be a positive learning rate (e.g. 1e-3), not {lr!r}")
-    _whole(bs, '--bs')
-    _whole(crop, '--crop', optional=True)
-    _whole(resize, '--resize', optional=True)
+    check_whole(epochs, '--epochs')
+    check_learning_rate(lr, '--lr')
+    check_whole(bs, '--bs')
+    check_whole(seed, '--seed', 0)
+    check_whole(crop, '--crop', optional=True)
+    check_whole(resize, '--resize', optional=True)
     if crop and resize: raise ValueError("give --crop or --resize, not both")
-    _whole(classes, '--classes', 2)
+    check_whole(classes, '--classes', 2)
     if binary_masks and classes != 2:
         raise ValueError(f"--binary-masks reads masks as background and foreground, two classes; --classes is {classes}")
     if restart and fold is not None:
         raise ValueError("--restart deletes every fold of the run, so it cannot go with --fold (one process of several): "
                          "restart once without --fold, or write the new run to another --out")
+
+def _channels(images: list[Path]) -> int:
+    "The channels of the first image that opens: the data check then names every file that does not."
+    for image in images:
+        try: return image_channels(image)
+        except Exception as e: error = e     # noqa: BLE001: any file that does not open is reported by the check
+    raise ValueError(f"none of the {len(images)} files in '{images[0].parent}' opens as an image, e.g. '{images[0]}' ({error})")
 
 def run_training(data: Path,                    # folder with images/ and the mask folder
                  out: Path,                     # folder for folds.csv and models/ (run record, fold weights and records, threshold.json)
@@ -113,13 +116,13 @@ def run_training(data: Path,                    # folder with images/ and the ma
                  restart: bool = False          # delete the run already in `out` and start over
                  ) -> dict:
     "Checks, folds (stratified by mask coverage), k-fold training, threshold search on the out-of-fold predictions; a report."
-    _check_training_arguments(n_folds, fold, epochs, lr, bs, crop, resize, classes, binary_masks, restart)
+    _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart)
     UnetConfig.preset(config)                            # a misspelt preset or a pretrained 'unet': refused before any work
     if pretrained and from_scratch(arch): raise ValueError(f"--arch {arch} trains from scratch: leave out --pretrained")
     data, out = Path(data).resolve(), Path(out)          # resolved: a resume from another working directory is the same run
     images = list_images(data / 'images')
     if len(images) < n_folds: raise FileNotFoundError(f"'{data / 'images'}' holds {len(images)} image(s), too few for {n_folds} folds")
-    dblock = segmentation_block(image_channels(images[0]), mask_folder, binary_masks, crop, resize, classes)
+    dblock = segmentation_block(_channels(images), mask_folder, binary_masks, crop, resize, classes)
     items = pd.DataFrame({'item': [str(p) for p in images]})
     summary = check_datablock(dblock, items, n_classes=classes, fixes=CLI_FIXES)      # every image and mask, before any epoch
     df = make_folds(items['item'], n_folds=n_folds, seed=seed, stratify=coverage_bins(summary.coverage))
@@ -175,10 +178,11 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    folds: list[int] | None = None  # ensemble only these folds (default: every fold of the run)
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
-    _whole(bs, '--bs')
+    check_whole(bs, '--bs')
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"--threshold must be a probability in [0, 1], not {threshold}")
-    _whole(min_area, '--min-area', 0, optional=True)
+    check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
+    if Path(out_csv).is_dir(): raise ValueError(f"--out '{out_csv}' is a folder: give the submission file's path, e.g. '{Path(out_csv) / 'submission.csv'}'")
     stems = pd.Series([Path(p).stem for p in images])
     if stems.duplicated().any():
         twice = sorted(set(stems[stems.duplicated()]))
