@@ -456,6 +456,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                       'fastunet/pipeline/workflow.py'),
                                             'fastunet.pipeline.workflow._chosen_threshold': ( 'pipeline.workflow.html#_chosen_threshold',
                                                                                               'fastunet/pipeline/workflow.py'),
+                                            'fastunet.pipeline.workflow._refuse_shared_names': ( 'pipeline.workflow.html#_refuse_shared_names',
+                                                                                                 'fastunet/pipeline/workflow.py'),
                                             'fastunet.pipeline.workflow.list_images': ( 'pipeline.workflow.html#list_images',
                                                                                         'fastunet/pipeline/workflow.py'),
                                             'fastunet.pipeline.workflow.run_prediction': ( 'pipeline.workflow.html#run_prediction',

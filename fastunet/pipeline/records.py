@@ -23,8 +23,8 @@ from .files import atomic_write
 from ..unet.config import UnetConfig
 
 # %% auto #0
-__all__ = ['RUN_FILE', 'MUST_AGREE', 'read_run', 'clear_run', 'open_run', 'fold_problem', 'fold_paths', 'save_fold_record',
-           'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold']
+__all__ = ['RUN_FILE', 'NOT_STARTED', 'MUST_AGREE', 'read_run', 'clear_run', 'open_run', 'fold_problem', 'fold_paths',
+           'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold']
 
 # %% ../../nbs/33_pipeline.records.ipynb #ce7d31f1
 RUN_FILE = 'run.json'
@@ -44,8 +44,9 @@ def read_run(out_dir: str | Path) -> dict | None:
     return run
 
 def _changes(then: dict, now: dict) -> str:
-    return '; '.join(f"{key} {then.get(key, '(not set)')!r} then, {now.get(key, '(not set)')!r} now"
-                     for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key))
+    changes = [f"{key} {then.get(key, '(not set)')!r} then, {now.get(key, '(not set)')!r} now"
+               for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
+    return '; '.join(changes) or f'the same arguments, but its {RUN_FILE} was edited by hand (its run id does not match them)'
 
 _FOLD_FILE = re.compile(r'^fold_(\d+)(\.json|\.pth|_oof\.npy)$')    # exactly the names `fold_paths` gives
 
@@ -95,11 +96,13 @@ def open_run(out_dir: str | Path,                 # the run folder
     return run
 
 # %% ../../nbs/33_pipeline.records.ipynb #d28100e9
+NOT_STARTED = 'not started'
+
 def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequence[int]) -> str | None:
-    "Why fold `fold` of `run` is not done in `out_dir` ('not started' if it has no files), or None if it is done."
+    "Why fold `fold` of `run` is not done in `out_dir` (`NOT_STARTED` if it has no files), or None if it is done."
     paths = fold_paths(out_dir, fold)
     missing = [kind for kind, path in paths.items() if not path.exists()]
-    if len(missing) == len(paths): return 'not started'
+    if len(missing) == len(paths): return NOT_STARTED
     if missing: return f"its {' and '.join(missing)} file(s) are missing (a run stopped while writing it)"
     try: record = json.loads(paths['record'].read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: return f"its record '{paths['record']}' is not valid JSON ({e})"

@@ -32,7 +32,7 @@ from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
-from .records import clear_run, cv_table, fold_paths, fold_problem, open_run, read_run, save_fold_record
+from .records import NOT_STARTED, clear_run, cv_table, fold_paths, fold_problem, open_run, read_run, save_fold_record
 from .tta import activation_name
 
 # %% auto #0
@@ -185,7 +185,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         valid_idx = np.flatnonzero(df.fold.values == fold)
         problem = fold_problem(out_dir, fold, run, valid_idx)
         if problem is None: continue                    # done and sound: an earlier run finished it
-        if problem != 'not started' and is_main_process(): print(f'fold {fold} is trained again: {problem}')
+        if problem != NOT_STARTED and is_main_process(): print(f'fold {fold} is trained again: {problem}')
         this_seed = None if seed is None else fold_seed(seed, fold)
         fold_block = copy.copy(dblock)                  # the caller's block keeps its own splitter
         fold_block.splitter = IndexSplitter(valid_idx)

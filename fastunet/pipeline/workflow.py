@@ -42,17 +42,21 @@ __all__ = ['IMAGE_SUFFIXES', 'CLI_FIXES', 'list_images', 'segmentation_block', '
 # %% ../../nbs/37_pipeline.workflow.ipynb #608bed8c
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
+def _refuse_shared_names(images: list[Path], where: str) -> None:
+    "Masks and submission rows are found by an image's name without its suffix: two images must not share one."
+    by_stem = defaultdict(list)
+    for image in images: by_stem[Path(image).stem].append(str(image) if where == 'the list' else Path(image).name)
+    shared = [names for names in by_stem.values() if len(names) > 1]
+    if shared:
+        raise ValueError(f"{len(shared)} name(s) in {where} belong to more than one image, e.g. {shared[:3]}: masks and "
+                         f"submission rows are found by name, so each image needs its own. Rename or remove the duplicates.")
+
 def list_images(folder: str | Path) -> list[Path]:
     "The images in `folder`, sorted by name; two files that would share an id (`00.png`, `00.jpg`) are refused."
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"image folder '{folder}' does not exist")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    by_stem = defaultdict(list)
-    for image in images: by_stem[image.stem].append(image.name)
-    shared = [names for names in by_stem.values() if len(names) > 1]
-    if shared:
-        raise ValueError(f"{len(shared)} name(s) in '{folder}' belong to more than one image, e.g. {shared[:3]}: masks and "
-                         f"submission rows are found by name, so each image needs its own. Rename or remove the duplicates.")
+    _refuse_shared_names(images, f"'{folder}'")
     return images
 
 def segmentation_block(n_channels: int = 1, mask_folder: str = 'masks', binary_masks: bool = False,
@@ -131,7 +135,7 @@ def run_training(data: Path,                    # folder with images/ and the ma
         if restart:                                      # the run's own files beside its models; train_folds clears models/
             for path in (out / 'folds.csv', out / 'report.json', out / 'models' / 'threshold.json'): path.unlink(missing_ok=True)
     binary = classes == 2
-    learner_kwargs = dict(n_out=1 if binary else classes, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs,
+    learner_kwargs = dict(n_out=1 if binary else classes, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs or {},
                           loss_func=BCELovaszLoss() if binary else CrossEntropyLossFlat(axis=1),
                           metrics=[TGSMetric(), BinaryIoU()] if binary else [DiceMulti()])
     run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=classes, crop=crop, resize=resize)
@@ -183,10 +187,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
     check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
     if Path(out_csv).is_dir(): raise ValueError(f"--out '{out_csv}' is a folder: give the submission file's path, e.g. '{Path(out_csv) / 'submission.csv'}'")
-    stems = pd.Series([Path(p).stem for p in images])
-    if stems.duplicated().any():
-        twice = sorted(set(stems[stems.duplicated()]))
-        raise ValueError(f"{len(twice)} id(s) would come twice in the submission, e.g. {twice[:3]}: each image needs its own name")
+    _refuse_shared_names(images, 'the list')
     models = Path(models)
     ensemble = FoldEnsemble.from_dir(models, folds=folds)    # every fold of the run there, none from another: or a clear error
     run = read_run(models)

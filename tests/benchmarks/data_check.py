@@ -2,7 +2,7 @@
 (the TGS salt competition's 4,000 training images and 18,000 test images are that size), read exactly as
 `fastunet train` reads them.
 
-    python tests/benchmarks/data_check.py [--n-images 18000] [--size 101] [--threads N]
+    python tests/benchmarks/data_check.py [--n-images 18000] [--size 101] [--cache FOLDER]
 
 The folder is generated once into a cache folder (about a minute) and reused; the check itself is timed.
 """
