@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -160,7 +161,7 @@ DATA_CASES = {
     'the first file not an image': (lambda d: images_of(d)[0].write_text('hello'), [], ['cannot be read', '0000.png', 'UnidentifiedImageError']),
     'the first image truncated': (lambda d: truncate(images_of(d)[0]), [], ['cannot be read', '0000.png']),
     '16-bit images': (lambda d: [Image.fromarray(np.array(Image.open(p)).astype(np.uint16) * 16).save(p) for p in images_of(d)], [],
-                      ['8 item(s) cannot be read', "0000.png' is a I;16 image", 'would clip every value above 255']),
+                      ['8 item(s) cannot be read', "0000.png' is an image of mode I;16", 'would clip every value above 255']),
     'all masks full (a white background) with --binary-masks': (lambda d: damage_masks(d, lambda m: np.full_like(m, 255)),
                                                                 ['--binary-masks'], ['all 8 masks are foreground at every pixel']),
 }
@@ -335,11 +336,14 @@ def test_a_diverged_fold_is_refused_not_kept_and_a_corrected_rerun_needs_no_rest
     images = [str(p) for p in images_of(data)]
     dblock = segmentation_block(1, binary_masks=True)
     df = make_folds(images, n_folds=2, seed=0)
+    benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
-    with pytest.raises(ValueError, match=r"fold 0 diverged: valid_loss was \[nan\] by epoch, never a number.*lr=0.003"):
-        train_folds(dblock, df, 'resnet10t', tmp_path, epochs=1, lr=3e-3, bs=2, seed=0, dls_kwargs=dict(num_workers=0),
-                    learner_kwargs=dict(n_out=1, pretrained=False, loss_func=nan_loss))
-    assert torch.backends.cudnn.benchmark                                 # a fold's deterministic settings do not outlive it
+    try:
+        with pytest.raises(ValueError, match=r"fold 0 diverged: valid_loss was \[nan\] by epoch, never a number.*lr=0.003"):
+            train_folds(dblock, df, 'resnet10t', tmp_path, epochs=1, lr=3e-3, bs=2, seed=0, dls_kwargs=dict(num_workers=0),
+                        learner_kwargs=dict(n_out=1, pretrained=False, loss_func=nan_loss))
+        assert torch.backends.cudnn.benchmark                             # a fold's deterministic settings do not outlive it
+    finally: torch.backends.cudnn.benchmark = benchmark
     assert not list(tmp_path.glob('fold_*')) and read_run(tmp_path) is not None
     cv = train_folds(dblock, df, 'resnet10t', tmp_path, epochs=1, lr=3e-3, bs=2, seed=0, dls_kwargs=dict(num_workers=0),
                      learner_kwargs=dict(n_out=1, pretrained=False, loss_func=BCELovaszLoss()))     # no restart needed
@@ -459,7 +463,11 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(trained_run, tm
         temporary = Path(writer.stdout.readline().strip())
         writer.kill(); writer.wait()
         assert temporary.exists() and temporary.name.startswith(f'.{target.name}.')
+    users = [run / '.report.v2.2024.draft_01.tmp', run / 'models' / '.notes.tmp']    # a user's files, however named, stay
+    for path in users: path.write_text('mine'); os.utime(path, (0, 0))
     run_training(data, run, **TRAIN)                                     # resumes: nothing to train, but it cleans up
+    assert all(path.exists() for path in users)
+    for path in users: path.unlink()
     run_prediction(run / 'models', test_images, tmp_path / 'submission.csv')
     leftovers = [p.name for folder in (run, run / 'models', tmp_path) for p in folder.glob('.*.tmp')]
     assert leftovers == []

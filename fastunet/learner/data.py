@@ -40,13 +40,15 @@ def image_channels(path: str | Path) -> int:
 HIGH_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')     # PIL's 16-bit, 32-bit integer and float modes
 
 def check_bit_depth(image: Image.Image, name: str | Path) -> None:
-    "Refuse a 16-bit or float image whose values exceed 255: reading it as 8 bits (as fastai does) would clip them all to 255."
+    "Refuse a 16-bit or float image that 8 bits cannot hold: reading it as 8-bit (as fastai does) would clip or round its values."
     if image.mode not in HIGH_BIT_MODES: return
     low, high = image.getextrema()
-    if high > 255 or low < 0:
-        raise ValueError(f"'{name}' is a {image.mode} image (16-bit or float) with values from {low} to {high}: fastunet reads "
-                         f"8-bit images, and reading it as one would clip every value above 255. Convert the images to 8 bits "
-                         f"first, scaled as suits the data (e.g. np.uint8(array / array.max() * 255)).")
+    fractions = image.mode == 'F' and not np.array_equal(values := np.asarray(image), np.round(values))   # e.g. 0..1 floats: all 0
+    if high > 255 or low < 0 or fractions:
+        raise ValueError(f"'{name}' is an image of mode {image.mode} (16-bit or float) with values from {low} to {high}"
+                         f"{' and fractions' if fractions else ''}: fastunet reads 8-bit images, and reading it as one would "
+                         f"{'round them away' if fractions else 'clip every value above 255'}. Convert the images to 8 bits first, "
+                         f"scaled as suits the data (e.g. np.uint8(array / array.max() * 255)).")
 
 def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -> torch.Tensor:
     "An image (path, PIL image or HxW[xC] uint8 array) as a float CHW tensor in [0, 1] with `n_channels` channels."
@@ -95,9 +97,10 @@ class MaskFromFolder:
             values = np.array(mask)                    # palette masks: their indices; 16-bit masks: their values
             has_alpha = mask.mode in ('RGBA', 'LA', 'PA')
         if self.binary:
-            if has_alpha:                              # drawn in its transparency (one colour) or in colour (alpha ignored)
+            if has_alpha:                              # foreground: what is shown, visible and not black
                 colour, alpha = values[..., :-1], values[..., -1]
-                values = alpha if colour.min() == colour.max() and alpha.min() != alpha.max() else colour
+                shown = alpha != 0
+                return (shown if not colour.any() else (colour != 0).any(-1) & shown).astype(np.uint8)
             return (values.reshape(*values.shape[:2], -1) != 0).any(-1).astype(np.uint8)
         if values.ndim != 2:
             raise ValueError(f"mask '{path}' has {values.shape[-1]} channels, but class-code masks have one: save it as a "

@@ -185,6 +185,7 @@ def check_datablock(dblock: DataBlock,                   # how items are read (i
                     fixes: dict[str, str] | None = None  # how a user fixes each problem (`DEFAULT_FIXES`' keys)
                     ) -> DataSummary:
     "`check_segmentation_data` on every row of `df` as `dblock` reads it."
+    if len(df) == 0: raise ValueError('there are no items to check (the DataFrame is empty)')
     names = item_names(dblock, df)
     dataset, position = _datasets(dblock, df, names)
     class_targets = any(isinstance(t, AddMaskCodes) for t in dblock.item_tfms)     # a MaskBlock, with or without codes

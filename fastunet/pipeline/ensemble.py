@@ -87,7 +87,7 @@ class FoldEnsemble:
         source = progress_bar(items, total=None if hasattr(items, '__len__') else 'noinfer', leave=False) if progress else items
         for batch, x in self._batches(source, bs):
             original = x.shape[-2:]
-            if size is not None: x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+            if size is not None: x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)  # as PIL shrinks
             probs = self.predict_batch(x, tta)
             if size is not None: probs = F.interpolate(probs, size=original, mode='bilinear', align_corners=False)
             yield from zip(batch, probs.cpu())

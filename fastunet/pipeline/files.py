@@ -13,10 +13,10 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['STALE_AFTER_S', 'remove_stale_temporaries', 'atomic_write']
+__all__ = ['STALE_AFTER_S', 'this_writer', 'writer_gone', 'remove_stale_temporaries', 'atomic_write']
 
 # %% ../../nbs/30_pipeline.files.ipynb #7c4dbaf8
 def _new_file_mode() -> int:
@@ -43,21 +43,27 @@ def _process_alive(pid: int) -> bool | None:
     except PermissionError: return True      # someone else's process
     return True
 
-def _is_stale(temporary: Path, host: str, pid: int) -> bool:
-    "Was `temporary` left by a writer that is gone (a killed run)? Live writers, here or on another machine, keep theirs."
-    alive = _process_alive(pid) if host == _HOST else None
+def this_writer() -> dict:
+    "Which process this is, as `writer_gone` asks about it later: its machine and process id."
+    return dict(host=_HOST, pid=os.getpid())
+
+def writer_gone(writer: dict | None, path: Path) -> bool:
+    """Has the process `writer` (`this_writer()` as it was recorded) that wrote `path` ended? Where that cannot be asked
+    (another machine, Windows, no writer recorded), it has once `path` is a day old."""
+    alive = _process_alive(int(writer['pid'])) if writer and writer.get('host') == _HOST else None
     if alive is not None: return not alive
-    try: return time.time() - temporary.stat().st_mtime > STALE_AFTER_S   # another machine's (or Windows): a day old
+    try: return time.time() - path.stat().st_mtime > STALE_AFTER_S
     except FileNotFoundError: return False
 
-def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
-    "Delete the temporary files that killed writers left in `folder` (of the file `name` only, if given); returns them."
+def remove_stale_temporaries(folder: str | Path, names: str | Sequence[str] | None = None) -> list[Path]:
+    "Delete the temporary files that killed writers left in `folder` (of the files `names` only, if given); returns them."
     folder, removed = Path(folder), []
+    names = [names] if isinstance(names, str) else names
     if not folder.is_dir(): return removed
     for temporary in folder.glob('.*.tmp'):
         parts = _TEMPORARY.match(temporary.name)
-        if parts is None or (name is not None and parts['name'] != name): continue
-        if _is_stale(temporary, parts['host'], int(parts['pid'])):
+        if parts is None or (names is not None and parts['name'] not in names): continue
+        if writer_gone(dict(host=parts['host'], pid=parts['pid']), temporary):
             temporary.unlink(missing_ok=True)
             removed.append(temporary)
     return removed

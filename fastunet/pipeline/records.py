@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, this_writer, writer_gone
 
 from ..unet.config import UnetConfig
 
 # %% auto #0
-__all__ = ['RUN_FILE', 'NOT_STARTED', 'MUST_AGREE', 'read_run', 'clear_run', 'open_run', 'fold_problem', 'fold_paths',
-           'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold']
+__all__ = ['RUN_FILE', 'NOT_STARTED', 'MUST_AGREE', 'read_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem',
+           'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold']
 
 # %% ../../nbs/33_pipeline.records.ipynb #ce7d31f1
 RUN_FILE = 'run.json'
@@ -43,7 +43,16 @@ def read_run(out_dir: str | Path) -> dict | None:
         raise ValueError(f"run record '{path}' lacks run_id, definition or folds: start the run over (--restart, or restart=True)")
     return run
 
+def _flat(definition: dict, prefix: str = '') -> dict:
+    "Nested settings under dotted names (learner.loss_func), so that a change names the one setting that changed."
+    flat = {}
+    for key, value in definition.items():
+        if isinstance(value, dict) and value: flat.update(_flat(value, f'{prefix}{key}.'))
+        else: flat[f'{prefix}{key}'] = value
+    return flat
+
 def _changes(then: dict, now: dict) -> str:
+    then, now = _flat(then), _flat(now)
     changes = [f"{key} {then.get(key, '(not set)')!r} then, {now.get(key, '(not set)')!r} now"
                for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
     return '; '.join(changes) or f'the same arguments, but its {RUN_FILE} was edited by hand (its run id does not match them)'
@@ -68,6 +77,11 @@ def _finished_folds(out_dir: Path, run_id: str) -> list[int]:
         if isinstance(record, dict) and record.get('run_id') == run_id: finished.append(int(_FOLD_FILE.match(path.name)[1]))
     return finished
 
+def _abandoned(out_dir: Path, run: dict) -> bool:
+    "Did `run` finish no fold, and is the process that works on it gone (or this one: a notebook's earlier call)?"
+    if _finished_folds(out_dir, run['run_id']): return False
+    return run.get('writer') == this_writer() or writer_gone(run.get('writer'), out_dir / RUN_FILE)
+
 def open_run(out_dir: str | Path,                 # the run folder
              definition: dict,                    # the arguments that define the run (JSON values)
              folds: Sequence[int],                # the run's folds
@@ -79,24 +93,34 @@ def open_run(out_dir: str | Path,                 # the run folder
     out_dir, folds = Path(out_dir), [int(f) for f in folds]
     run = dict(run_id=_run_id(dict(definition, folds=folds)), folds=folds, definition=definition)
     existing = read_run(out_dir)
-    if existing is not None and existing['run_id'] != run['run_id'] and not _finished_folds(out_dir, existing['run_id']):
-        existing = None                          # a run that finished no fold (it failed or was stopped early): nothing to keep
-        if write: print(f"'{out_dir}' held a run that finished no fold; it is replaced by this one")
+    if existing is not None and existing['run_id'] != run['run_id'] and _abandoned(out_dir, existing):
+        if write:                                # it failed or was stopped in its first fold: nothing of it is worth keeping
+            clear_run(out_dir)
+            print(f"'{out_dir}' held a run that finished no fold and is no longer running; it is replaced by this one")
+        existing = None
     if existing is not None:
         if existing['run_id'] != run['run_id']:
             then, now = dict(existing['definition'], folds=existing['folds']), dict(definition, folds=folds)
             raise ValueError(f"'{out_dir}' holds a run made with other arguments ({_changes(then, now)}). To resume it, give the "
                              f"arguments it was made with; to keep it and start another, {fixes['out']}; to replace it, "
                              f"{fixes['restart']} (which deletes its folds).")
+        if write and existing.get('writer') != this_writer():     # this process now works on the run
+            existing = dict(existing, writer=this_writer())
+            atomic_write(out_dir / RUN_FILE, lambda p: p.write_text(json.dumps(existing, indent=1)))
         return existing
-    if _fold_files(out_dir, '.json') or _fold_files(out_dir, '.pth'):
+    if write and (_fold_files(out_dir, '.json') or _fold_files(out_dir, '.pth')):
         raise ValueError(f"'{out_dir}' holds folds but no run record ({RUN_FILE}): they were written by an older fastunet, and "
                          f"which arguments made them is unknown. To keep them, {fixes['out']}; to replace them, {fixes['restart']}.")
+    run['writer'] = this_writer()               # who works on it: a run in progress is not taken for an abandoned one
     if write: atomic_write(out_dir / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
     return run
 
 # %% ../../nbs/33_pipeline.records.ipynb #d28100e9
 NOT_STARTED = 'not started'
+
+def finite_state(state: dict) -> bool:
+    "Do a state dict's floating-point tensors hold only finite values (not a diverged model's NaN)?"
+    return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequence[int]) -> str | None:
     "Why fold `fold` of `run` is not done in `out_dir` (`NOT_STARTED` if it has no files), or None if it is done."
@@ -112,8 +136,7 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     try: state = torch.load(paths['weights'], map_location='cpu', weights_only=True)
     except Exception as e: return f"its weights '{paths['weights']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if not isinstance(state, dict) or not state: return f"its weights '{paths['weights']}' hold no state dict"
-    if not all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
-        return f"its weights '{paths['weights']}' hold NaN or infinite values"
+    if not finite_state(state): return f"its weights '{paths['weights']}' hold NaN or infinite values"
     try: n_predictions = len(np.load(paths['oof'], mmap_mode='r'))
     except Exception as e: return f"its out-of-fold predictions '{paths['oof']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if n_predictions != len(valid_index):

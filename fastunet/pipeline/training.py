@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,8 @@ from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
-from .records import NOT_STARTED, clear_run, cv_table, fold_paths, fold_problem, open_run, read_run, save_fold_record
+from .records import (NOT_STARTED, RUN_FILE, clear_run, cv_table, finite_state, fold_paths, fold_problem,
+                                       open_run, read_run, save_fold_record)
 from .tta import activation_name
 
 # %% auto #0
@@ -69,6 +71,7 @@ def _normalize_stats(dls) -> list | None:
 
 def _described(value):
     "A JSON value that stands for `value` in a run's definition: itself where JSON holds it, else its name (a loss, a metric)."
+    if isinstance(value, np.generic): return value.item()          # numpy's numbers, as the numbers they are
     if isinstance(value, UnetConfig): return value.as_dict()
     if value is None or isinstance(value, (str, int, float, bool)): return value
     if isinstance(value, slice): return f'slice({value.start}, {value.stop})'
@@ -86,7 +89,7 @@ def check_whole(value, name: str, smallest: int = 1, optional: bool = False) -> 
 def check_learning_rate(lr, name: str = 'lr') -> None:
     "Refuse a learning rate (or fastai's `slice(low, high)`) that is not positive and finite: NaN and inf train nothing."
     rates = [r for r in (lr.start, lr.stop) if r is not None] if isinstance(lr, slice) else [lr]
-    if not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
+    if not rates or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
         raise ValueError(f"{name} must be a positive, finite learning rate (e.g. 1e-3), not {lr!r}")
 
 def _check_arguments(df: pd.DataFrame, folds, epochs, lr, bs, seed) -> list[int]:
@@ -108,8 +111,8 @@ def _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, 
     assignment = [[Path(name).name, int(fold)] for name, fold in zip(item_names(dblock, df), df.fold)]
     digest = hashlib.sha1(json.dumps(assignment).encode()).hexdigest()[:8]
     items = f'{len(df)} items, by name and fold #{digest}'      # another data set, seed or fold count changes it
-    return dict(arch=arch_name(arch), items=items, epochs=epochs, lr=_described(lr), bs=bs, monitor=monitor, fine_tune=fine_tune,
-                init_dir=_described(init_dir), seed=seed, learner=_described(learner_kwargs or {}), **_described(run_args or {}))
+    return dict(arch=arch_name(arch), items=items, epochs=_described(epochs), lr=_described(lr), bs=_described(bs), monitor=monitor,
+                fine_tune=fine_tune, init_dir=_described(init_dir), seed=_described(seed), learner=_described(learner_kwargs or {}), **_described(run_args or {}))
 
 def fold_seed(seed: int, fold: int) -> int:
     "Fold `fold`'s own seed: runs with seeds 0 and 1 share no fold's seed (as `seed + fold` would)."
@@ -123,15 +126,12 @@ def _seeded(seed: int | None):
     try: yield
     finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
-def _finite(state: dict) -> bool:
-    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-
 def _check_trained(fold: int, model, keep_best, history: list[dict], monitor: str, lr) -> None:
     "Refuse to keep a fold that diverged: no epoch with a finite score, or weights that hold NaN."
     if keep_best.best_epoch is None:
         raise ValueError(f"fold {fold} diverged: {monitor} was {[epoch.get(monitor) for epoch in history]} by epoch, never a number, "
                          f"so there is no model to keep. Lower the learning rate (lr={lr}) and rerun; the finished folds are kept.")
-    if not _finite(unwrap_model(model).state_dict()):
+    if not finite_state(unwrap_model(model).state_dict()):
         raise ValueError(f"fold {fold}'s best weights (epoch {keep_best.best_epoch}) hold NaN or infinite values: lower the "
                          f"learning rate (lr={lr}) and rerun; the finished folds are kept.")
 
@@ -176,7 +176,8 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
     definition = _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args)
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)               # what killed runs left
+        own = [RUN_FILE, *(path.name for fold in all_folds for path in fold_paths(out_dir, fold).values())]
+        remove_stale_temporaries(out_dir, own)          # what killed runs left of the run's files
         if restart: clear_run(out_dir)
     barrier()
     run = open_run(out_dir, definition, all_folds, write=is_main_process(), fixes=fixes)
@@ -216,7 +217,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             fold=fold, n_folds=len(all_folds), run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,
             n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=_normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
-            best_epoch=keep_best.best_epoch, epochs=epochs, lr=_described(lr), fine_tune=fine_tune, seed=seed, valid_index=valid_idx.tolist(),
+            best_epoch=keep_best.best_epoch, epochs=_described(epochs), lr=_described(lr), fine_tune=fine_tune, seed=_described(seed), valid_index=valid_idx.tolist(),
             history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()
     return cv_table(out_dir)

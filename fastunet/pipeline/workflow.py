@@ -42,10 +42,10 @@ __all__ = ['IMAGE_SUFFIXES', 'CLI_FIXES', 'list_images', 'segmentation_block', '
 # %% ../../nbs/37_pipeline.workflow.ipynb #608bed8c
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
-def _refuse_shared_names(images: list[Path], where: str) -> None:
+def _refuse_shared_names(images: list[Path], where: str, full_paths: bool = False) -> None:
     "Masks and submission rows are found by an image's name without its suffix: two images must not share one."
     by_stem = defaultdict(list)
-    for image in images: by_stem[Path(image).stem].append(str(image) if where == 'the list' else Path(image).name)
+    for image in images: by_stem[Path(image).stem].append(str(image) if full_paths else Path(image).name)
     shared = [names for names in by_stem.values() if len(names) > 1]
     if shared:
         raise ValueError(f"{len(shared)} name(s) in {where} belong to more than one image, e.g. {shared[:3]}: masks and "
@@ -131,14 +131,16 @@ def run_training(data: Path,                    # folder with images/ and the ma
     summary = check_datablock(dblock, items, n_classes=classes, fixes=CLI_FIXES)      # every image and mask, before any epoch
     df = make_folds(items['item'], n_folds=n_folds, seed=seed, stratify=coverage_bins(summary.coverage))
     if is_main_process():
-        remove_stale_temporaries(out)
+        remove_stale_temporaries(out, ['folds.csv', 'report.json'])
+        remove_stale_temporaries(out / 'models', 'threshold.json')
         if restart:                                      # the run's own files beside its models; train_folds clears models/
             for path in (out / 'folds.csv', out / 'report.json', out / 'models' / 'threshold.json'): path.unlink(missing_ok=True)
     binary = classes == 2
     learner_kwargs = dict(n_out=1 if binary else classes, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs or {},
                           loss_func=BCELovaszLoss() if binary else CrossEntropyLossFlat(axis=1),
                           metrics=[TGSMetric(), BinaryIoU()] if binary else [DiceMulti()])
-    run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=classes, crop=crop, resize=resize)
+    run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=classes, crop=crop, resize=resize,
+                    resize_method=None if resize is None else ResizeMethod.Squish)
     cv = train_folds(dblock, df, arch, out / 'models', epochs=epochs, lr=lr, bs=bs, seed=seed,
                      monitor='tgs_metric' if binary else 'dice_multi', folds=None if fold is None else [fold],
                      dls_kwargs=dict(num_workers=0), learner_kwargs=learner_kwargs, check_data=False, restart=restart,
@@ -187,7 +189,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
     check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
     if Path(out_csv).is_dir(): raise ValueError(f"--out '{out_csv}' is a folder: give the submission file's path, e.g. '{Path(out_csv) / 'submission.csv'}'")
-    _refuse_shared_names(images, 'the list')
+    _refuse_shared_names(images, 'the list', full_paths=True)
     models = Path(models)
     ensemble = FoldEnsemble.from_dir(models, folds=folds)    # every fold of the run there, none from another: or a clear error
     run = read_run(models)
