@@ -112,7 +112,8 @@ def _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, 
     digest = hashlib.sha1(json.dumps(assignment).encode()).hexdigest()[:8]
     items = f'{len(df)} items, by name and fold #{digest}'      # another data set, seed or fold count changes it
     return dict(arch=arch_name(arch), items=items, epochs=_described(epochs), lr=_described(lr), bs=_described(bs), monitor=monitor,
-                fine_tune=fine_tune, init_dir=_described(init_dir), seed=_described(seed), learner=_described(learner_kwargs or {}), **_described(run_args or {}))
+                fine_tune=fine_tune, init_dir=_described(init_dir), seed=_described(seed), learner=_described(learner_kwargs or {}),
+                **_described(run_args or {}))
 
 def fold_seed(seed: int, fold: int) -> int:
     "Fold `fold`'s own seed: runs with seeds 0 and 1 share no fold's seed (as `seed + fold` would)."
@@ -217,7 +218,8 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             fold=fold, n_folds=len(all_folds), run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,
             n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=_normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
-            best_epoch=keep_best.best_epoch, epochs=_described(epochs), lr=_described(lr), fine_tune=fine_tune, seed=_described(seed), valid_index=valid_idx.tolist(),
+            best_epoch=keep_best.best_epoch, epochs=_described(epochs), lr=_described(lr), fine_tune=fine_tune, seed=_described(seed),
+            valid_index=valid_idx.tolist(),
             history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()
     return cv_table(out_dir)
