@@ -81,10 +81,14 @@ def predict(models: str,                # folder of fold records and weights (fa
             no_tta: bool = False,       # skip horizontal-flip TTA
             threshold: float = None,    # probability threshold (default: the one chosen on out-of-fold predictions)
             min_area: int = None,       # empty masks smaller than this (default: chosen with the threshold)
-            folds: str = None):         # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
+            folds: str = None,          # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
+            workers: int = None,        # background processes reading images (default: half the cores, at most 4; 0: none)
+            no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
+            compile: bool = False):     # torch.compile each fold's model (pays over many images of few sizes)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     files = list_images(images)
-    path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds))
+    path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds), workers,
+                          not no_autocast, compile)
     print(f'wrote {path} ({len(files)} images)')
     return path
 

@@ -113,6 +113,7 @@ def test_bad_training_arguments_are_refused_before_anything_is_written(data_fact
     (['--bs', '0'], '--bs must be a whole number ≥ 1'),
     (['--folds', '0,x'], "--folds takes fold numbers separated by commas"),
     (['--folds', '0,5'], 'fold(s) [5] are not folds of the run'),
+    (['--workers', '-1'], '--workers must be a whole number ≥ 0'),
 ])
 def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, argv, message):
     _, run, test_images = trained_run

@@ -14,7 +14,7 @@ from fastai.vision.core import PILImage, PILImageBW, PILMask
 
 # %% auto #0
 __all__ = ['IMAGE_CLASSES', 'IMAGE_MODES', 'HIGH_BIT_MODES', 'PILImageRGBA', 'image_class', 'image_channels', 'check_bit_depth',
-           'image_tensor', 'MaskFromFolder']
+           'image_array', 'image_tensor', 'MaskFromFolder']
 
 # %% ../../nbs/23_learner.data.ipynb #55b5abb5
 class PILImageRGBA(PILImage):
@@ -50,8 +50,8 @@ def check_bit_depth(image: Image.Image, name: str | Path) -> None:
                          f"{'round them away' if fractions else 'clip every value above 255'}. Convert the images to 8 bits first, "
                          f"scaled as suits the data (e.g. np.uint8(array / array.max() * 255)).")
 
-def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -> torch.Tensor:
-    "An image (path, PIL image or HxW[xC] uint8 array) as a float CHW tensor in [0, 1] with `n_channels` channels."
+def image_array(item: str | Path | Image.Image | np.ndarray, n_channels: int) -> np.ndarray:
+    "An image (path, PIL image or HxW[xC] uint8 array) as a uint8 HxWxC array with `n_channels` channels, checked."
     name = item if isinstance(item, (str, Path)) else 'the image'
     if isinstance(item, (str, Path)):
         try: item = Image.open(item)
@@ -62,11 +62,15 @@ def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -
         except OSError as e: raise ValueError(f"'{name}' cannot be read as an image ({type(e).__name__}: {e})") from e
     if np.asarray(item).dtype != np.uint8:
         raise ValueError(f"image arrays must hold uint8 values 0..255; got {np.asarray(item).dtype}: convert it (e.g. np.uint8(array * 255))")
-    array = np.asarray(item, dtype=np.float32) / 255.
+    array = np.asarray(item)
     if array.ndim == 2: array = array[..., None]
     if array.shape[-1] != n_channels:
         raise ValueError(f"the model takes {n_channels}-channel images; got an image of shape {array.shape}")
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return array
+
+def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -> torch.Tensor:
+    "An image (path, PIL image or HxW[xC] uint8 array) as a float CHW tensor in [0, 1] with `n_channels` channels."
+    return torch.from_numpy(np.array(image_array(item, n_channels))).permute(2, 0, 1).float() / 255   # a copy: writable, any strides
 
 # %% ../../nbs/23_learner.data.ipynb #7bd9a3f1
 class MaskFromFolder:

@@ -24,6 +24,7 @@ from fastcore.meta import delegates
 from ..encoders.registry import from_scratch
 from .checks import check_segmentation_batch
 from ..unet.config import UnetConfig
+from ..unet.memory_format import use_memory_format
 from ..unet.model import MoreDynamicUnet
 
 # %% auto #0
@@ -73,6 +74,7 @@ def more_dynamic_unet_learner(
         encoder_kwargs: dict | None = None,      # options of the encoder, e.g. dict(features=32, depth=4) for 'unet'
         check_data: bool = True,                 # refuse bad masks or channel counts on one batch, before building anything
         grad_checkpointing: bool = False,        # recompute activations in the backward pass: far less memory, ~1 more forward
+        channels_last: bool | None = None,       # weights in channels-last memory format; None: where the data's device runs it faster (CPU, CUDA)
         compile: bool | dict = False,            # compile the model in place; a dict is passed on, e.g. dict(fullgraph=True)
         **kwargs) -> Learner:
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
@@ -87,6 +89,7 @@ def more_dynamic_unet_learner(
     model = MoreDynamicUnet(arch, n_out=n_out, n_in=x.shape[1], pretrained=pretrained, weights=weights, config=config,
                             encoder_kwargs=encoder_kwargs, **kwargs)
     if grad_checkpointing: model.set_grad_checkpointing()
+    use_memory_format(model, dls.device or 'cpu', channels_last)
     if compile:
         model.compile(**({} if compile is True else compile))
         cbs = [*(cbs or []), PlainTensorInput()]

@@ -8,29 +8,59 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fastprogress.fastprogress import progress_bar
+from torch.utils.data import DataLoader, Dataset
 
 from ..encoders.registry import resolve_arch
-from ..learner.data import image_tensor
+from ..learner.data import image_array
 from .records import fold_paths, load_fold_records
+from .inference import inference_model
 from .tta import OUTPUT_ACTIVATIONS, flip_tta
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
 
 # %% auto #0
-__all__ = ['FoldEnsemble']
+__all__ = ['default_workers', 'FoldEnsemble']
 
 # %% ../../nbs/35_pipeline.ensemble.ipynb #156042fa
+def _decode(item, n_in: int) -> torch.Tensor:
+    "One image as a uint8 CHW tensor (a quarter of float32's bytes between processes)."
+    return torch.from_numpy(np.array(image_array(item, n_in))).permute(2, 0, 1)
+
+class _Images(Dataset):
+    "Images decoded one per index by the background workers of `predict_iter`; an unreadable one comes back as its error."
+    def __init__(self, items: Sequence, n_in: int): self.items, self.n_in = items, n_in
+    def __len__(self) -> int: return len(self.items)
+    def __getitem__(self, index: int) -> torch.Tensor | Exception:
+        try: return _decode(self.items[index], self.n_in)
+        except (ValueError, OSError) as e: return e        # raised as it is in the main process, not wrapped in a worker's traceback
+
+def _raise_errors(images: Iterator[tuple[object, torch.Tensor | Exception]]) -> Iterator[tuple[object, torch.Tensor]]:
+    for item, image in images:
+        if isinstance(image, Exception): raise image
+        yield item, image
+
+def default_workers() -> int:
+    "Background image readers: half the CPU cores, at most 4 (the rest run the models on CPU)."
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
 class FoldEnsemble:
     "Fold models averaged, each with horizontal-flip TTA, streamed batch by batch."
     def __init__(self,
-                 models: Sequence[MoreDynamicUnet],            # the fold models, built alike
+                 models: Sequence[MoreDynamicUnet],             # the fold models, built alike (left unchanged: each is predicted through a prepared copy)
                  record: dict,                                  # a fold record: channels, normalisation, activation
-                 device: str | torch.device | None = None):     # where to run them (default: CUDA if there is one)
+                 device: str | torch.device | None = None,      # where to run them (default: CUDA if there is one)
+                 autocast: bool | torch.dtype = True,           # on CUDA, predict in float16 (or this dtype); False: float32
+                 compile: bool | dict = False,                  # `torch.compile` each model (pays over many images of few sizes)
+                 fold_bn: bool = True):                         # fold batch norm into the convolutions (same outputs within 1e-4)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        self.models = [m.to(self.device).eval() for m in models]
+        self.models = [m.eval() for m in models]
+        self.ready = [inference_model(m, device=self.device, fold_bn=fold_bn, autocast=autocast, compile=compile) for m in self.models]
         self.record = record
         self.activation = OUTPUT_ACTIVATIONS[record['activation']]
         stats = record.get('normalize')
@@ -41,7 +71,8 @@ class FoldEnsemble:
     def from_dir(cls,
                  model_dir: str | Path,                    # a run folder written by `train_folds`
                  device=None,                              # where to run the models (default: CUDA if there is one)
-                 folds: Sequence[int] | None = None        # only these folds (default: every fold of the run, all finished)
+                 folds: Sequence[int] | None = None,       # only these folds (default: every fold of the run, all finished)
+                 **kwargs                                  # `autocast`, `compile`, `fold_bn`: how to predict (see `FoldEnsemble`)
                  ) -> FoldEnsemble:
         "Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused."
         records, models = load_fold_records(model_dir, folds), []
@@ -53,16 +84,23 @@ class FoldEnsemble:
             try: model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
             except Exception as e: raise ValueError(f"weights '{weights}' do not load into fold {record['fold']}'s model: {e}") from e
             models.append(model)
-        return cls(models, records[0], device)
+        return cls(models, records[0], device, **kwargs)
 
     @property
     def n_in(self) -> int: return self.record['n_in']
 
-    def _batches(self, items: Sequence, bs: int) -> Iterator[tuple[list, torch.Tensor]]:
-        "Consecutive images of one size, at most `bs` at a time."
+    def _images(self, items: Sequence, num_workers: int | None) -> Iterator[tuple[object, torch.Tensor]]:
+        "(item, uint8 CHW image) in order; decoded by background workers where `items` can be indexed."
+        if not (hasattr(items, '__len__') and hasattr(items, '__getitem__')) or num_workers == 0 or len(items) < 2:
+            return ((item, _decode(item, self.n_in)) for item in items)
+        loader = DataLoader(_Images(items, self.n_in), batch_size=None, num_workers=min(num_workers, len(items)),
+                            pin_memory=self.device.type == 'cuda', prefetch_factor=4)
+        return _raise_errors(zip(items, loader))
+
+    def _batches(self, images: Iterator[tuple[object, torch.Tensor]], bs: int) -> Iterator[tuple[list, torch.Tensor]]:
+        "Consecutive images of one size, at most `bs` at a time, as a uint8 batch."
         batch, tensors = [], []
-        for item in items:
-            tensor = image_tensor(item, self.n_in)
+        for item, tensor in images:
             if tensors and (len(tensors) == bs or tensor.shape != tensors[0].shape):
                 yield batch, torch.stack(tensors)
                 batch, tensors = [], []
@@ -70,24 +108,29 @@ class FoldEnsemble:
         if tensors: yield batch, torch.stack(tensors)
 
     def predict_batch(self, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
-        "Averaged probabilities (B, n_out, H, W) for a batch of [0, 1] images (B, C, H, W)."
-        x = x.to(self.device)
+        "Averaged probabilities (B, n_out, H, W) for a batch of images (B, C, H, W): uint8 0..255, or floats in [0, 1]."
+        x = x.to(self.device, non_blocking=True)
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         if self.mean is not None: x = (x - self.mean) / self.std
-        return sum(flip_tta(model, x, self.activation, flip=tta) for model in self.models) / len(self.models)
+        return sum(flip_tta(model, x, self.activation, flip=tta) for model in self.ready) / len(self.ready)
 
     def predict_iter(self,
                      items: Sequence,                         # image paths, PIL images or HxW[xC] uint8 arrays; any iterable
                      bs: int = 8,                             # images per batch
                      tta: bool = True,                        # average each image with its de-flipped mirror
                      size: tuple[int, int] | None = None,     # resize inputs to this, and outputs back to each image's size
-                     progress: bool = True                    # show a progress bar
+                     progress: bool = True,                   # show a progress bar
+                     num_workers: int | None = None           # background processes reading images (default: `default_workers()`; 0: none)
                      ) -> Iterator[tuple[object, torch.Tensor]]:
-        "Stream (item, probabilities (n_out, H, W)) pairs, batch by batch."
+        "Stream (item, probabilities (n_out, H, W)) pairs, batch by batch, while background workers read the next images."
+        num_workers = default_workers() if num_workers is None else num_workers
+        images = self._images(items, num_workers)
         # the bar counts images read, not batches: images of another size start a batch early, so batches cannot be counted
-        source = progress_bar(items, total=None if hasattr(items, '__len__') else 'noinfer', leave=False) if progress else items
-        for batch, x in self._batches(source, bs):
+        if progress: images = progress_bar(images, total=len(items) if hasattr(items, '__len__') else 'noinfer', leave=False)
+        for batch, x in self._batches(images, bs):
             original = x.shape[-2:]
-            if size is not None: x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)  # as PIL shrinks
+            if size is not None:
+                x = F.interpolate(x.float() / 255, size=size, mode='bilinear', align_corners=False, antialias=True)  # as PIL shrinks
             probs = self.predict_batch(x, tta)
             if size is not None: probs = F.interpolate(probs, size=original, mode='bilinear', align_corners=False)
             yield from zip(batch, probs.cpu())

@@ -13,6 +13,8 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 
+from .inference import inference_model
+
 # %% auto #0
 __all__ = ['OUTPUT_ACTIVATIONS', 'output_activation', 'activation_name', 'flip_tta', 'hflip_tta']
 
@@ -40,27 +42,27 @@ def flip_tta(model: nn.Module,                              # any model from ima
              activation: Callable[[torch.Tensor], torch.Tensor],   # from outputs to probabilities (see `output_activation`)
              flip: bool = True                              # False: the plain prediction, for comparison
              ) -> torch.Tensor:
-    "Probabilities for `x`, averaged with the de-flipped probabilities of its horizontal mirror; one forward pass."
+    "Probabilities for `x`, averaged with the de-flipped probabilities of its horizontal mirror."
+    # two passes at the batch's size, not one at twice it: on CPU a doubled batch runs ~15% slower per image (caches)
     with torch.no_grad():
-        if not flip: return activation(model(x))
-        direct, mirrored = activation(model(torch.cat([x, x.flip(-1)]))).chunk(2)
-        return (direct + mirrored.flip(-1)) / 2
+        probabilities = activation(model(x))
+        if not flip: return probabilities
+        return (probabilities + activation(model(x.flip(-1))).flip(-1)) / 2
 
 # %% ../../nbs/32_pipeline.tta.ipynb #305b52b9
 def hflip_tta(learn: Learner,                 # a trained learner
               dl: DataLoader | None = None,   # the batches to predict (default: `learn.dls.valid`)
               with_targets: bool = True,      # also return the targets, where the batches have them
-              progress: bool = True           # show a progress bar
+              progress: bool = True,          # show a progress bar
+              inference: dict | None = None   # options of `inference_model` (fold_bn, channels_last, autocast, compile)
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "Probabilities (N, C, H, W) averaged over each image and its horizontal mirror, and the targets if `dl` has them."
     dl = dl if dl is not None else learn.dls.valid
     activation = output_activation(learn.loss_func)
-    model, was_training = learn.model, learn.model.training
-    model.eval()
-    probabilities, targets = [], []
-    try:
-        for batch in (progress_bar(dl, leave=False) if progress else dl):
-            probabilities.append(flip_tta(model, batch[0], activation).float().cpu())
-            if with_targets and len(batch) > 1: targets.append(batch[1].cpu())
-    finally: model.train(was_training)
+    model, probabilities, targets = None, [], []
+    for batch in (progress_bar(dl, leave=False) if progress else dl):
+        # a prepared copy (the learner's model stays as it is), its batch norm folds found on the first image
+        if model is None: model = inference_model(learn.model, example=batch[0][:1], **(inference or {}))
+        probabilities.append(flip_tta(model, batch[0], activation).cpu())
+        if with_targets and len(batch) > 1: targets.append(batch[1].cpu())
     return torch.cat(probabilities), (torch.cat(targets) if targets else None)

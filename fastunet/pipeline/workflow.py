@@ -181,21 +181,26 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    tta: bool = True,               # horizontal-flip TTA
                    threshold: float | None = None, # probability threshold (default: the one in models/threshold.json, else 0.5)
                    min_area: int | None = None,    # masks smaller than this are emptied (default: as the threshold)
-                   folds: list[int] | None = None  # ensemble only these folds (default: every fold of the run)
+                   folds: list[int] | None = None, # ensemble only these folds (default: every fold of the run)
+                   num_workers: int | None = None, # background processes reading images (default: half the cores, at most 4; 0: none)
+                   autocast: bool = True,          # on CUDA, predict in float16 (False: float32)
+                   compile: bool = False           # `torch.compile` each fold's model
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
+    check_whole(num_workers, '--workers', 0, optional=True)
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"--threshold must be a probability in [0, 1], not {threshold}")
     check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
     if Path(out_csv).is_dir(): raise ValueError(f"--out '{out_csv}' is a folder: give the submission file's path, e.g. '{Path(out_csv) / 'submission.csv'}'")
     _refuse_shared_names(images, 'the list', full_paths=True)
     models = Path(models)
-    ensemble = FoldEnsemble.from_dir(models, folds=folds)    # every fold of the run there, none from another: or a clear error
+    # every fold of the run there, none from another: or a clear error
+    ensemble = FoldEnsemble.from_dir(models, folds=folds, autocast=autocast, compile=compile)
     run = read_run(models)
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
-    predictions = ensemble.predict_iter(images, bs=bs, tta=tta, size=size)
+    predictions = ensemble.predict_iter(images, bs=bs, tta=tta, size=size, num_workers=num_workers)
     n_out = ensemble.record['n_out']
     if n_out == 1:
         saved = _chosen_threshold(models, run)

@@ -115,5 +115,7 @@ class MoreDynamicUnet(nn.Module):
         if self.config.hypercolumns:
             out = torch.cat([F.interpolate(o, size=(height, width), mode='bilinear', align_corners=False)
                              for o in stage_outputs[:-1]] + [out], dim=1)
-        if self.config.last_cross: out = torch.cat([out, padded], dim=1)
+        if self.config.last_cross:          # the input in the features' memory format: one layout for the layers after
+            layout = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            out = torch.cat([out, padded.contiguous(memory_format=layout)], dim=1)
         return self.output(crop_pads(self.head(self.residual(out)), pads))

@@ -31,10 +31,17 @@ class Candidate:
         if self.library == 'smp':
             import segmentation_models_pytorch as smp
             return smp.Unet(encoder, encoder_weights=None, in_channels=n_in, classes=n_out)
+        from fastunet.unet.memory_format import use_memory_format
         from fastunet.unet.model import MoreDynamicUnet
         model = MoreDynamicUnet(self.arch or _torchvision(encoder), n_out=n_out, n_in=n_in, **self.options)
         if self.grad_checkpointing: model.set_grad_checkpointing()
-        return model
+        return use_memory_format(model, 'cpu')        # what `more_dynamic_unet_learner` does: the device's memory format
+
+    def predictor(self, model: nn.Module) -> nn.Module:
+        "The model as this library's users predict with it: fastunet's prediction paths (ensemble, TTA, CLI) use `inference_model`."
+        if self.library != 'fastunet': return model.eval()
+        from fastunet.pipeline.inference import inference_model
+        return inference_model(model)
 
     def learner(self, dls, encoder: str, n_in: int, **kwargs):
         from fastai.vision.all import Learner, get_c, unet_learner

@@ -5,7 +5,9 @@ Per model: parameters; FLOPs per image (forward) and per training step (forward 
 once per storage through `torch.autograd.graph.saved_tensors_hooks`); peak resident memory of the process
 (`ru_maxrss`, which includes the libraries: the RSS after imports is given too); training images/s (AdamW
 step on cross-entropy) and inference images/s (`torch.inference_mode`), each the median of timed steps after
-two warm-up steps. Rounds are interleaved over the models and each model keeps its fastest round (for
+two warm-up steps. Inference is measured twice: as each library's users predict (fastunet: through
+`inference_model`, which its ensemble, TTA and CLI use: batch norm folded, channels-last; the others: the
+model in eval mode) and as the plain eval model. Rounds are interleaved over the models and each model keeps its fastest round (for
 training and for inference separately), so a burst of load on the machine does not land on one model only. Achieved FLOP/s is set against the FLOP/s this machine reaches
 on one large convolution.
 
@@ -75,13 +77,15 @@ def measure(name: str, encoder: str, size: int, bs: int, steps: int, threads: in
         nn.functional.cross_entropy(model(x), target).backward()
     train_seconds = median_seconds(train_step, steps)
     model.eval()
+    predictor = candidate(name).predictor(model)
     with torch.inference_mode():
-        infer_seconds = median_seconds(lambda: model(x), steps)
+        infer_seconds = median_seconds(lambda: predictor(x), steps)
+        plain_infer_seconds = median_seconds(lambda: model(x), steps)
         with FlopCounterMode(display=False) as counter: model(x[:1])
     return dict(model=name, params=sum(p.numel() for p in model.parameters()),
                 gflops_per_image=counter.get_total_flops() / 1e9, train_gflops_per_step=train_flops / 1e9,
                 saved_for_backward_mib=saved / 2 ** 20, train_images_per_s=bs / train_seconds,
-                infer_images_per_s=bs / infer_seconds, achieved_train_gflops_per_s=train_flops / train_seconds / 1e9,
+                infer_images_per_s=bs / infer_seconds, plain_infer_images_per_s=bs / plain_infer_seconds, achieved_train_gflops_per_s=train_flops / train_seconds / 1e9,
                 rss_after_imports_mib=rss_after_imports,
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -102,7 +106,7 @@ def run(encoder: str, size: int, bs: int, steps: int = 5, rounds: int = 2, threa
     rows = []
     for name in names:
         row = max(measured[name], key=lambda r: r['train_images_per_s'])
-        row['infer_images_per_s'] = max(r['infer_images_per_s'] for r in measured[name])
+        for field in ('infer_images_per_s', 'plain_infer_images_per_s'): row[field] = max(r[field] for r in measured[name])
         rows.append(row)
     peak = peak_conv_flops(threads)
     for row in rows: row['fraction_of_conv_peak'] = row['achieved_train_gflops_per_s'] * 1e9 / peak
@@ -115,12 +119,12 @@ def table(result: dict, reference: str) -> str:
     ref = next(r for r in result['rows'] if r['model'] == reference)
     lines = [f"**{result['encoder']}, {result['size']}×{result['size']}, batch {result['bs']}** "
              f"({result['threads']} threads; one large convolution reaches {result['conv_peak_gflops_per_s']:.0f} GFLOP/s)", '',
-             '| model | params (M) | GFLOPs / image | train img/s | infer img/s | saved for backward (MiB) | peak RSS (MiB) '
-             '| achieved / conv peak | train vs smp | infer vs smp | saved vs smp |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
+             '| model | params (M) | GFLOPs / image | train img/s | infer img/s | infer, plain eval model | saved for backward (MiB) '
+             '| peak RSS (MiB) | achieved / conv peak | train vs smp | infer vs smp | saved vs smp |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in result['rows']:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {r['gflops_per_image']:.2f} | {r['train_images_per_s']:.2f} | "
-                     f"{r['infer_images_per_s']:.2f} | {r['saved_for_backward_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['infer_images_per_s']:.2f} | {r.get('plain_infer_images_per_s', float('nan')):.2f} | {r['saved_for_backward_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
                      f"{r['fraction_of_conv_peak']:.0%} | {r['train_images_per_s'] / ref['train_images_per_s']:.2f}× | "
                      f"{r['infer_images_per_s'] / ref['infer_images_per_s']:.2f}× | "
                      f"{r['saved_for_backward_mib'] / ref['saved_for_backward_mib']:.2f}× |")
