@@ -16,6 +16,7 @@ from .unet.layers import *
 from .unet.config import *
 from .unet.plan import *
 from .unet.blocks import *
+from .unet.memory_format import *
 from .unet.model import *
 from .learner.losses import *
 from .learner.metrics import *
@@ -26,18 +27,19 @@ from .learner.unet_learner import *
 from .learner.distributed import *
 from .pipeline.files import *
 from .pipeline.splits import *
+from .pipeline.inference import *
 from .pipeline.tta import *
 from .pipeline.records import *
 from .pipeline.training import *
 from .pipeline.ensemble import *
 from .pipeline.submission import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
-from .unet import layers, config, plan, blocks, model
+from .unet import layers, config, plan, blocks, memory_format, model
 from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed
-from .pipeline import files, splits, tta, records, training, ensemble, submission
+from .pipeline import files, splits, inference, tta, records, training, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, model,
+__all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, memory_format, model,
                               losses, metrics, synthetic, data, checks, unet_learner, distributed,
-                              files, splits, tta, records, training, ensemble, submission)
+                              files, splits, inference, tta, records, training, ensemble, submission)
            for name in module.__all__]

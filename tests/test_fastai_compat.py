@@ -207,8 +207,8 @@ def test_unet_from_scratch_with_fastai_keywords_round_trips_through_fold_records
     assert record['arch'] == 'unet' and record['encoder_kwargs'] == dict(features=8, depth=3, residual=True)
     assert record['config']['attention'] == 'self' and record['config']['act'] == 'mish' and record['config']['norm'] == 'spectral'
     ensemble = FoldEnsemble.from_dir(tmp_path, device='cpu', folds=[0])       # rebuilt from the record, weights loaded strictly
-    assert ensemble.models[0].encoder.channels == [8, 16, 32, 64]
-    assert all(hasattr(b.upsample.layers[0], 'weight_orig') for b in ensemble.models[0].blocks)   # spectral up-convolutions
+    assert ensemble.models[0].model.encoder.channels == [8, 16, 32, 64]
+    assert all(hasattr(b.upsample.layers[0], 'weight_orig') for b in ensemble.models[0].model.blocks)   # spectral up-convolutions
     valid = list(df['item'][df.fold == 0])
     oof = torch.from_numpy(np.load(fold_paths(tmp_path, 0)['oof']).astype(np.float32))
     torch.testing.assert_close(ensemble.predict(valid, tta=False, progress=False), oof, atol=2e-3, rtol=1e-2)

@@ -7,10 +7,13 @@ import hashlib
 import json
 import warnings
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
+from PIL import Image
 
 from fastunet.learner.data import image_tensor
 from fastunet.learner.unet_learner import more_dynamic_unet_learner
@@ -190,16 +193,18 @@ def test_ensemble_leaves_fold_files_unchanged_and_predicts_what_the_fold_model_d
     digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     ensemble = FoldEnsemble.from_dir(out, device='cpu', folds=[0])
     probs = ensemble.predict(images, bs=5, progress=False)
-    assert ensemble.ready[0].n_folded == batch_norms(ensemble.models[0]) > 0
+    record = json.loads((out / 'fold_0.json').read_text())
+    trained = MoreDynamicUnet(record['arch'], n_out=record['n_out'], n_in=record['n_in'], config=record['config']).eval()
+    state = torch.load(files[0], weights_only=True)
+    assert all(v.is_contiguous() for v in state.values())                  # saved NCHW, though it trained channels-last
+    trained.load_state_dict(state)
+    assert ensemble.models[0].n_folded == batch_norms(trained) > 0 and batch_norms(ensemble.models[0]) == 0
     x = torch.stack([image_tensor(p, 1) for p in images])
-    mean, std = json.loads((out / 'fold_0.json').read_text())['normalize'] or ([0.], [1.])
+    mean, std = record['normalize'] or ([0.], [1.])
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    model = ensemble.models[0]
-    with torch.no_grad(): expected = (torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1).flip(-1)) / 2
+    with torch.no_grad(): expected = (torch.softmax(trained(x), 1) + torch.softmax(trained(x.flip(-1)), 1).flip(-1)) / 2
     torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-4)
     assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == digests
-    state = torch.load(files[0], weights_only=True)
-    assert all(torch.equal(state[k], v) for k, v in ensemble.models[0].state_dict().items())
 
 
 def test_background_readers_give_the_same_predictions_in_the_same_order(one_fold):
@@ -209,6 +214,8 @@ def test_background_readers_give_the_same_predictions_in_the_same_order(one_fold
     with_readers = list(ensemble.predict_iter(images, bs=4, progress=False, num_workers=2))
     assert [item for item, _ in with_readers] == images
     for (_, a), (_, b) in zip(in_process, with_readers): assert torch.equal(a, b)
+    series = pd.Series(images, index=range(100, 100 + len(images)))       # a DataFrame's column: read by position, not label
+    assert [item for item, _ in ensemble.predict_iter(series, bs=4, progress=False, num_workers=2)] == images
 
 
 def test_an_unreadable_image_read_by_a_worker_is_named_without_a_worker_traceback(one_fold, tmp_path):
@@ -219,6 +226,25 @@ def test_an_unreadable_image_read_by_a_worker_is_named_without_a_worker_tracebac
     with pytest.raises(ValueError) as raised:
         list(ensemble.predict_iter([*images[:3], broken, *images[3:5]], bs=2, progress=False, num_workers=2))
     assert "broken.png' cannot be read as an image" in str(raised.value) and 'Traceback' not in str(raised.value)
+
+
+def test_images_already_in_memory_are_read_in_process_and_odd_dtypes_refused(one_fold):
+    out, images = one_fold
+    ensemble = FoldEnsemble.from_dir(out, device='cpu', folds=[0])
+    arrays = [np.array(Image.open(p)) for p in images[:4]]
+    torch.testing.assert_close(ensemble.predict(arrays, bs=2, progress=False, num_workers=2),
+                               ensemble.predict(images[:4], bs=2, progress=False, num_workers=0))
+    batch = torch.stack([torch.from_numpy(a)[None] for a in arrays])
+    torch.testing.assert_close(ensemble.predict_batch(batch), ensemble.predict_batch(batch.float() / 255))
+    with pytest.raises(ValueError, match='uint8'): ensemble.predict_batch(batch.long())
+
+
+def test_prepared_model_returns_ordinary_tensors_and_unwraps_wrappers():
+    model = trained_statistics(MoreDynamicUnet('resnet10t', n_out=1))
+    out = inference_model(nn.DataParallel(model))(torch.randn(1, 3, 64, 64))
+    out[out < 0] = 0                                                       # an inference tensor would refuse this
+    twice = inference_model(inference_model(model))                       # a prepared model prepared again: nothing left to fold
+    assert twice.n_folded == 0 and batch_norms(twice.model) == 0
 
 
 def test_compiled_ensemble_predicts_what_the_plain_one_does(one_fold):

@@ -75,7 +75,7 @@ def more_dynamic_unet_learner(
         check_data: bool = True,                 # refuse bad masks or channel counts on one batch, before building anything
         grad_checkpointing: bool = False,        # recompute activations in the backward pass: far less memory, ~1 more forward
         channels_last: bool | None = None,       # weights in channels-last memory format; None: where the data's device runs it faster (CPU, CUDA)
-        compile: bool | dict = False,            # compile the model in place; a dict is passed on, e.g. dict(fullgraph=True)
+        compile: bool | dict = False,            # compile the model in place, one graph per input shape; a dict is passed on, e.g. dict(fullgraph=True)
         **kwargs) -> Learner:
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
     x, y = dls.one_batch()[:2]
@@ -91,7 +91,8 @@ def more_dynamic_unet_learner(
     if grad_checkpointing: model.set_grad_checkpointing()
     use_memory_format(model, dls.device or 'cpu', channels_last)
     if compile:
-        model.compile(**({} if compile is True else compile))
+        # dynamic=False: torch 2.14's inductor fails on this model's padding when it turns a second image size into symbolic shapes
+        model.compile(**{'dynamic': False, **({} if compile is True else compile)})
         cbs = [*(cbs or []), PlainTensorInput()]
     has_pretrained_weights = pretrained or weights is not None
     if normalize and has_pretrained_weights: _add_normalize(dls, model.encoder.stats)

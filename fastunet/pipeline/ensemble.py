@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -46,21 +47,25 @@ def _raise_errors(images: Iterator[tuple[object, torch.Tensor | Exception]]) -> 
         yield item, image
 
 def default_workers() -> int:
-    "Background image readers: half the CPU cores, at most 4 (the rest run the models on CPU)."
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """Background image readers: half the CPU cores this process may use, at most 4 (the rest run the models on CPU);
+    none where processes start by 'spawn' (macOS, Windows), which would re-run a script without a `__main__` guard."""
+    start_method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]  # not fixing it
+    if start_method != 'fork': return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 2
+    return max(1, min(4, cores // 2))
 
 class FoldEnsemble:
     "Fold models averaged, each with horizontal-flip TTA, streamed batch by batch."
     def __init__(self,
-                 models: Sequence[MoreDynamicUnet],             # the fold models, built alike (left unchanged: each is predicted through a prepared copy)
+                 models: Sequence[MoreDynamicUnet],             # the fold models, built alike (left unchanged: the ensemble keeps prepared copies)
                  record: dict,                                  # a fold record: channels, normalisation, activation
                  device: str | torch.device | None = None,      # where to run them (default: CUDA if there is one)
                  autocast: bool | torch.dtype = True,           # on CUDA, predict in float16 (or this dtype); False: float32
                  compile: bool | dict = False,                  # `torch.compile` each model (pays over many images of few sizes)
                  fold_bn: bool = True):                         # fold batch norm into the convolutions (same outputs within 1e-4)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        self.models = [m.eval() for m in models]
-        self.ready = [inference_model(m, device=self.device, fold_bn=fold_bn, autocast=autocast, compile=compile) for m in self.models]
+        # each fold as an `inference_model`: batch norm folded, the device's memory format; `.model` is the folded network
+        self.models = [inference_model(m, device=self.device, fold_bn=fold_bn, autocast=autocast, compile=compile) for m in models]
         self.record = record
         self.activation = OUTPUT_ACTIVATIONS[record['activation']]
         stats = record.get('normalize')
@@ -89,13 +94,13 @@ class FoldEnsemble:
     @property
     def n_in(self) -> int: return self.record['n_in']
 
-    def _images(self, items: Sequence, num_workers: int | None) -> Iterator[tuple[object, torch.Tensor]]:
-        "(item, uint8 CHW image) in order; decoded by background workers where `items` can be indexed."
-        if not (hasattr(items, '__len__') and hasattr(items, '__getitem__')) or num_workers == 0 or len(items) < 2:
-            return ((item, _decode(item, self.n_in)) for item in items)
-        loader = DataLoader(_Images(items, self.n_in), batch_size=None, num_workers=min(num_workers, len(items)),
-                            pin_memory=self.device.type == 'cuda', prefetch_factor=4)
-        return _raise_errors(zip(items, loader))
+    def _images(self, items: Sequence, num_workers: int) -> Iterator[tuple[object, torch.Tensor]]:
+        "(item, uint8 CHW image) in order; files are read by background workers, images already in memory here."
+        files = hasattr(items, '__len__') and len(items) > 1 and isinstance(next(iter(items)), (str, Path))
+        if not files or num_workers == 0: return ((item, _decode(item, self.n_in)) for item in items)
+        paths = list(items)                     # by position (a pandas Series is indexed by label); paths are small
+        loader = DataLoader(_Images(paths, self.n_in), batch_size=None, num_workers=min(num_workers, len(paths)), prefetch_factor=4)
+        return _raise_errors(zip(paths, loader))
 
     def _batches(self, images: Iterator[tuple[object, torch.Tensor]], bs: int) -> Iterator[tuple[list, torch.Tensor]]:
         "Consecutive images of one size, at most `bs` at a time, as a uint8 batch."
@@ -109,10 +114,17 @@ class FoldEnsemble:
 
     def predict_batch(self, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
         "Averaged probabilities (B, n_out, H, W) for a batch of images (B, C, H, W): uint8 0..255, or floats in [0, 1]."
-        x = x.to(self.device, non_blocking=True)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if not (x.dtype == torch.uint8 or x.is_floating_point()):
+            raise ValueError(f"images must be uint8 (0..255) or floats in [0, 1], not {x.dtype}: scale them to one of these")
+        x = self._to_device(x)
         if self.mean is not None: x = (x - self.mean) / self.std
-        return sum(flip_tta(model, x, self.activation, flip=tta) for model in self.ready) / len(self.ready)
+        return sum(flip_tta(model, x, self.activation, flip=tta) for model in self.models) / len(self.models)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        "A batch on the device as floats in [0, 1]; uint8 travels as it is (a quarter of the bytes), through pinned memory to a GPU."
+        if self.device.type == 'cuda' and x.device.type == 'cpu': x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
     def predict_iter(self,
                      items: Sequence,                         # image paths, PIL images or HxW[xC] uint8 arrays; any iterable
@@ -120,7 +132,7 @@ class FoldEnsemble:
                      tta: bool = True,                        # average each image with its de-flipped mirror
                      size: tuple[int, int] | None = None,     # resize inputs to this, and outputs back to each image's size
                      progress: bool = True,                   # show a progress bar
-                     num_workers: int | None = None           # background processes reading images (default: `default_workers()`; 0: none)
+                     num_workers: int | None = None           # background processes reading image files (default: `default_workers()`; 0: none)
                      ) -> Iterator[tuple[object, torch.Tensor]]:
         "Stream (item, probabilities (n_out, H, W)) pairs, batch by batch, while background workers read the next images."
         num_workers = default_workers() if num_workers is None else num_workers
@@ -129,8 +141,8 @@ class FoldEnsemble:
         if progress: images = progress_bar(images, total=len(items) if hasattr(items, '__len__') else 'noinfer', leave=False)
         for batch, x in self._batches(images, bs):
             original = x.shape[-2:]
-            if size is not None:
-                x = F.interpolate(x.float() / 255, size=size, mode='bilinear', align_corners=False, antialias=True)  # as PIL shrinks
+            if size is not None:       # on the device; antialiased, as PIL shrinks
+                x = F.interpolate(self._to_device(x), size=size, mode='bilinear', align_corners=False, antialias=True)
             probs = self.predict_batch(x, tta)
             if size is not None: probs = F.interpolate(probs, size=original, mode='bilinear', align_corners=False)
             yield from zip(batch, probs.cpu())

@@ -15,7 +15,7 @@ from fastai.learner import Learner
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..unet.memory_format import is_channels_last, use_memory_format
+from ..unet.memory_format import use_memory_format
 from ..unet.model import MoreDynamicUnet
 
 # %% auto #0
@@ -93,17 +93,21 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if child is old: setattr(parent, name, new)
 
+def _tensors(outputs) -> list[torch.Tensor]: return [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
+
 def _largest_relative_change(before, after) -> float:
-    "The largest absolute change of any output, against that output's magnitude (at least 1)."
-    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1)).item()
-               for a, b in zip(tree_flatten(after)[0], tree_flatten(before)[0]))
+    "The largest absolute change of any output, against that output's magnitude (at least 1); NaN where either is not finite."
+    changes = [((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
+               for a, b in zip(_tensors(after), _tensors(before)) if a.numel()]
+    return max(changes, default=0.) if all(c == c and c != float('inf') for c in changes) else float('nan')
 
 def fold_batchnorm(model: nn.Module,           # a trained model; left unchanged
                    example: torch.Tensor,      # one valid input for it, on its device
                    tolerance: float = 1e-4     # the largest change of the outputs accepted (relative to their magnitude, at least 1)
                    ) -> tuple[nn.Module, int]:
-    "A copy of `model` in eval mode, each batch norm that only reads a convolution's output folded into that convolution; and how many."
-    folded = copy.deepcopy(model).eval()
+    "A copy of `model` on the CPU in eval mode, each batch norm that only reads a convolution's output folded into that convolution; and how many."
+    # on the CPU, in float32 arithmetic: a GPU's TF32 convolutions would round the folded weights differently and fail the check
+    folded, example = copy.deepcopy(model).cpu().eval(), example.as_subclass(torch.Tensor).cpu()
     pairs, replacements = conv_batchnorm_pairs(folded, example), _norm_replacements()
     with torch.no_grad():
         before = folded(example)
@@ -112,10 +116,12 @@ def fold_batchnorm(model: nn.Module,           # a trained model; left unchanged
             _replace(folded, norm, replacements[type(norm)](norm))
         after = folded(example)
     change = _largest_relative_change(before, after) if pairs else 0.
-    if change > tolerance:
+    if not change <= tolerance:                      # NaN too: outputs that cannot be compared are not trusted
+        del folded
         warnings.warn(f"folding batch norm into the convolutions changed the model's outputs by {change:.2g} (more than "
-                      f"{tolerance}): the model is used unfolded. Please report the model's architecture to fastunet.")
-        return copy.deepcopy(model).eval(), 0
+                      f"{tolerance}, or not finite): the model is used unfolded. If its outputs are finite, please report "
+                      f"the model's architecture to fastunet.")
+        return copy.deepcopy(model).cpu().eval(), 0
     return folded, len(pairs)
 
 # %% ../../nbs/31a_pipeline.inference.ipynb #8f7e6263
@@ -126,7 +132,7 @@ def probe_input(model: nn.Module, device: torch.device | str = 'cpu') -> torch.T
     return torch.randn(1, model.n_in, side, side, generator=torch.Generator().manual_seed(0)).to(device)
 
 class InferenceModel(nn.Module):
-    "A model that predicts under `torch.inference_mode`, with autocast where asked, returning float32 outputs."
+    "A model that predicts under `torch.inference_mode`, with autocast where asked, returning float32 outputs (ordinary tensors)."
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, n_folded: int = 0):
         super().__init__()
         self.model, self.autocast_dtype, self.n_folded = model, autocast_dtype, n_folded
@@ -134,13 +140,16 @@ class InferenceModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)      # fastai's tensor subclasses slow every op
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(x).float()
+            out = self.model(x).float()
+        return out.clone()          # an ordinary tensor: an inference tensor refuses in-place edits (out[out < 0] = 0) outside inference mode
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    "The module under a `torch.compile` wrapper or DDP."
-    while hasattr(model, '_orig_mod') or isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
+    "The module under a `torch.compile` wrapper, (Distributed)DataParallel or an `InferenceModel`."
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        elif isinstance(model, InferenceModel): model = model.model
+        elif hasattr(model, '_orig_mod'): model = model._orig_mod
+        else: return model
 
 def inference_model(model: nn.Module | Learner,               # a trained model, or a learner (its `model`); left unchanged
                     example: torch.Tensor | None = None,      # a valid input, to find and check the folds (default: made for a `MoreDynamicUnet`, else a batch of the learner's data)
@@ -148,23 +157,22 @@ def inference_model(model: nn.Module | Learner,               # a trained model,
                     fold_bn: bool = True,                     # fold batch norm into the convolutions before it
                     channels_last: bool | None = None,        # memory format; None: the device's fastest (channels-last on CPU and CUDA)
                     autocast: bool | torch.dtype = True,      # on CUDA, predict in float16 (or this dtype); False: float32 everywhere
-                    compile: bool | dict = False              # `torch.compile` the prepared model (a dict is passed on)
+                    compile: bool | dict = False              # `torch.compile` the prepared model, one graph per input shape (a dict is passed on)
                     ) -> InferenceModel:
     "A copy of `model` prepared to predict as fast as the device allows, with the same outputs (within 1e-4)."
     learner = model if isinstance(model, Learner) else None
     module = _unwrap(learner.model if learner is not None else model)
-    weights_device = next(module.parameters(), torch.empty(0)).device
-    device = torch.device(device) if device is not None else weights_device
+    device = torch.device(device) if device is not None else next(module.parameters(), torch.empty(0)).device
     if example is None: example = probe_input(module)
     if example is None and learner is not None: example = learner.dls.one_batch()[0][:1]
     if fold_bn and example is None:
         raise ValueError("pass `example=` (one input batch) to fold the batch norms of a model that is not a MoreDynamicUnet, or fold_bn=False")
-    if fold_bn: prepared, n_folded = fold_batchnorm(module, example.as_subclass(torch.Tensor).to(weights_device))
+    if fold_bn: prepared, n_folded = fold_batchnorm(module, example)
     else: prepared, n_folded = copy.deepcopy(module).eval(), 0
-    prepared.__dict__.pop('_compiled_call_impl', None)            # a copy of an in-place compiled model would call the original
     prepared = use_memory_format(prepared.to(device), device, channels_last)
     if autocast is True: dtype = torch.float16 if device.type == 'cuda' else None    # CPU autocast (bfloat16) is slower without AMX
     else: dtype = autocast or None
     ready = InferenceModel(prepared, dtype, n_folded)
-    if compile: ready.model = torch.compile(ready.model, **({} if compile is True else compile))
+    # dynamic=False: torch 2.14's inductor fails on the model's padding when a second image size makes shapes symbolic
+    if compile: ready.model = torch.compile(ready.model, **{'dynamic': False, **({} if compile is True else compile)})
     return ready

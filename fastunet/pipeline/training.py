@@ -212,7 +212,9 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             continue
         _check_still_the_run(out_dir, run, fold)
         atomic_write(fold_paths(out_dir, fold)['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))
-        atomic_write(fold_paths(out_dir, fold)['weights'], lambda p: torch.save(learn.model.state_dict(), p))
+        # contiguous: the same file whatever memory format the model trained in (safetensors takes it, too)
+        weights = {k: v.contiguous() for k, v in learn.model.state_dict().items()}
+        atomic_write(fold_paths(out_dir, fold)['weights'], lambda p: torch.save(weights, p))
         model = learn.model
         save_fold_record(out_dir, dict(
             fold=fold, n_folds=len(all_folds), run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,

@@ -13,7 +13,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 
-from .inference import inference_model
+from .inference import inference_model, probe_input
 
 # %% auto #0
 __all__ = ['OUTPUT_ACTIVATIONS', 'output_activation', 'activation_name', 'flip_tta', 'hflip_tta']
@@ -59,10 +59,14 @@ def hflip_tta(learn: Learner,                 # a trained learner
     "Probabilities (N, C, H, W) averaged over each image and its horizontal mirror, and the targets if `dl` has them."
     dl = dl if dl is not None else learn.dls.valid
     activation = output_activation(learn.loss_func)
-    model, probabilities, targets = None, [], []
+    options, model, probabilities, targets = dict(inference or {}), None, [], []
     for batch in (progress_bar(dl, leave=False) if progress else dl):
-        # a prepared copy (the learner's model stays as it is), its batch norm folds found on the first image
-        if model is None: model = inference_model(learn.model, example=batch[0][:1], **(inference or {}))
+        # a prepared copy (the learner's model stays as it is) on the batches' device; its batch norm folds found on a
+        # small probe (a `MoreDynamicUnet`) or on the first image
+        if model is None:
+            example = options.pop('example', probe_input(learn.model))
+            if example is None: example = batch[0][:1]
+            model = inference_model(learn.model, example=example, **{'device': batch[0].device, **options})
         probabilities.append(flip_tta(model, batch[0], activation).cpu())
         if with_targets and len(batch) > 1: targets.append(batch[1].cpu())
     return torch.cat(probabilities), (torch.cat(targets) if targets else None)
