@@ -82,7 +82,7 @@ def predict(models: str,                # folder of fold records and weights (fa
             threshold: float = None,    # probability threshold (default: the one chosen on out-of-fold predictions)
             min_area: int = None,       # empty masks smaller than this (default: chosen with the threshold)
             folds: str = None,          # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
-            workers: int = None,        # background processes reading images (default: cores the models leave free, ≤ 4; 0: none)
+            workers: int = None,        # background processes reading images (default: ≤ 4; half the cores with a GPU, free cores on CPU; 0: none)
             no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
             compile: bool = False):     # torch.compile each fold's model (pays over many images of few sizes)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."

@@ -49,8 +49,9 @@ def _raise_errors(images: Iterator[tuple[object, torch.Tensor | Exception]]) -> 
 def default_workers(device: str | torch.device = 'cpu') -> int:
     """Background image readers, at most 4: for a GPU, half the CPU cores this process may use; on the CPU, only the
     cores torch's threads leave free (a reader on a core the models use slows them more than it saves: measured with
-    2 cores, one reader took a single model from 108 to 83 images/s). None where processes start by 'spawn' (macOS,
-    Windows), which would re-run a script without a `__main__` guard."""
+    2 cores, one reader took a single model from 109 to 90 images/s). None unless processes start by 'fork' (spawn on
+    macOS and Windows would re-run a script without a `__main__` guard; forkserver, Linux's default from Python 3.14,
+    too): pass `num_workers` there."""
     start_method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]  # not fixing it
     if start_method != 'fork': return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 2
@@ -60,11 +61,11 @@ def default_workers(device: str | torch.device = 'cpu') -> int:
 class FoldEnsemble:
     "Fold models averaged, each with horizontal-flip TTA, streamed batch by batch."
     def __init__(self,
-                 models: Sequence[MoreDynamicUnet],             # the fold models, built alike (left unchanged: the ensemble keeps prepared copies)
+                 models: Sequence[MoreDynamicUnet],             # the fold models, built alike (left unchanged: the ensemble keeps prepared copies; an `inference_model` is prepared again with these options)
                  record: dict,                                  # a fold record: channels, normalisation, activation
                  device: str | torch.device | None = None,      # where to run them (default: CUDA if there is one)
                  autocast: bool | torch.dtype = True,           # on CUDA, predict in float16 (or this dtype); False: float32
-                 compile: bool | dict = False,                  # `torch.compile` each model (pays over many images of few sizes)
+                 compile: bool | dict = False,                  # `torch.compile` each model, one graph per image shape (did not pay on CPU here)
                  fold_bn: bool = True):                         # fold batch norm into the convolutions (same outputs within 1e-4)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         # each fold as an `inference_model`: batch norm folded, the device's memory format; `.model` is the folded network

@@ -64,7 +64,7 @@ def hflip_tta(learn: Learner,                 # a trained learner
         # a prepared copy (the learner's model stays as it is) on the batches' device; its batch norm folds found on a
         # small probe (a `MoreDynamicUnet`) or on the first image
         if model is None:
-            example = options.pop('example', probe_input(learn.model))
+            example = options.pop('example', probe_input(learn.model))          # None for a model other than a MoreDynamicUnet
             if example is None: example = batch[0][:1]
             model = inference_model(learn.model, example=example, **{'device': batch[0].device, **options})
         probabilities.append(flip_tta(model, batch[0], activation).cpu())

@@ -182,7 +182,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    threshold: float | None = None, # probability threshold (default: the one in models/threshold.json, else 0.5)
                    min_area: int | None = None,    # masks smaller than this are emptied (default: as the threshold)
                    folds: list[int] | None = None, # ensemble only these folds (default: every fold of the run)
-                   num_workers: int | None = None, # background processes reading images (default: cores the models leave free, ≤ 4; 0: none)
+                   num_workers: int | None = None, # background processes reading images (default: `default_workers`: ≤ 4, with a GPU half the cores, on CPU the free ones; 0: none)
                    autocast: bool = True,          # on CUDA, predict in float16 (False: float32)
                    compile: bool = False           # `torch.compile` each fold's model
                    ) -> Path:
