@@ -84,7 +84,7 @@ def predict(models: str,                # folder of fold records and weights (fa
             folds: str = None,          # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
             workers: int = None,        # background processes reading images (default: ≤ 4; half the cores with a GPU, free cores on CPU; 0: none)
             no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
-            compile: bool = False):     # torch.compile each fold's model (pays over many images of few sizes)
+            compile: bool = False):     # torch.compile each fold's model, one graph per image shape (did not pay on CPU here)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     files = list_images(images)
     path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds), workers,
