@@ -114,6 +114,12 @@ def test_bad_training_arguments_are_refused_before_anything_is_written(data_fact
     (['--folds', '0,x'], "--folds takes fold numbers separated by commas"),
     (['--folds', '0,5'], 'fold(s) [5] are not folds of the run'),
     (['--workers', '-1'], '--workers must be a whole number ≥ 0'),
+    (['--tile', '64', '--overlap', '1.0'], 'overlap 1.0 as a fraction of the tile must be at least 0 and below 1'),
+    (['--tile', '64', '--overlap', '64'], 'overlap of 64 pixels must be at least 0 and below the tile (64 px)'),
+    (['--tile', '64', '--overlap', 'half'], '--overlap must be a fraction of the tile (e.g. 0.25) or pixels'),
+    (['--tile', '8'], '--tile must be a whole number ≥ 16'),
+    (['--tile', '64', '--tile-batch', '0'], '--tile-batch must be a whole number ≥ 1'),
+    (['--tile', '64', '--blend', 'pyramid'], "--blend must be one of ('gaussian', 'constant')"),
 ])
 def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, argv, message):
     _, run, test_images = trained_run
