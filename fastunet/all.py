@@ -25,21 +25,23 @@ from .learner.data import *
 from .learner.checks import *
 from .learner.unet_learner import *
 from .learner.distributed import *
+from .learner.image_source import *
 from .pipeline.files import *
 from .pipeline.splits import *
 from .pipeline.inference import *
 from .pipeline.tta import *
 from .pipeline.records import *
 from .pipeline.training import *
+from .pipeline.tiling import *
 from .pipeline.ensemble import *
 from .pipeline.submission import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
 from .unet import layers, config, plan, blocks, memory_format, model
-from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed
-from .pipeline import files, splits, inference, tta, records, training, ensemble, submission
+from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source
+from .pipeline import files, splits, inference, tta, records, training, tiling, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
 __all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, memory_format, model,
-                              losses, metrics, synthetic, data, checks, unet_learner, distributed,
-                              files, splits, inference, tta, records, training, ensemble, submission)
+                              losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source,
+                              files, splits, inference, tta, records, training, tiling, ensemble, submission)
            for name in module.__all__]
