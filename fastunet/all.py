@@ -26,6 +26,7 @@ from .learner.checks import *
 from .learner.unet_learner import *
 from .learner.distributed import *
 from .learner.image_source import *
+from .learner.tiles import *
 from .pipeline.files import *
 from .pipeline.splits import *
 from .pipeline.inference import *
@@ -37,11 +38,11 @@ from .pipeline.ensemble import *
 from .pipeline.submission import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
 from .unet import layers, config, plan, blocks, memory_format, model
-from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source
+from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source, tiles
 from .pipeline import files, splits, inference, tta, records, training, tiling, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
 __all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, memory_format, model,
-                              losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source,
+                              losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source, tiles,
                               files, splits, inference, tta, records, training, tiling, ensemble, submission)
            for name in module.__all__]

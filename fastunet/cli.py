@@ -90,11 +90,13 @@ def predict(models: str,                # folder of fold records and weights (fa
             workers: int = None,        # background processes reading images (default: ≤ 4; half the cores with a GPU, free cores on CPU; 0: none)
             no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
             compile: bool = False,      # torch.compile each fold's model, one graph per image shape (did not pay on CPU here)
-            tile: int = None,           # predict large images by overlapping tiles of this side, e.g. 1024 (images that fit one: whole)
+            tile: int = None,           # predict each image by overlapping tiles of this side, e.g. 1024 (one image at a time: --bs and --workers do not apply)
             overlap: str = '0.25',      # with --tile: overlap of neighbouring tiles, a fraction of the tile (0.25) or pixels (64)
             tile_batch: int = 8,        # with --tile: tiles per forward pass
             blend: str = 'gaussian'):   # with --tile: 'gaussian' or 'constant' blending where tiles overlap
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
+    if tile is None and (overlap != '0.25' or tile_batch != 8 or blend != 'gaussian'):
+        raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
     files = list_images(images)
     path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds), workers,
                           not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend)

@@ -1,6 +1,6 @@
-"""Tiled prediction (issue 14): tiles blended back into exactly the image they came from, tiled and whole predictions
-of the fold ensemble agreeing where the image fits, every image reader giving the same windows, memory bounded by a
-row of tiles, and `fastunet predict --tile` writing the submission of the tiled label maps."""
+"""Large images (issue 14): tiles blended back into exactly the image they came from, tiled and whole predictions of the
+fold ensemble agreeing, every image reader giving the same windows, memory bounded by a row of tiles, `fastunet predict
+--tile` writing the submission of the tiled label maps, and training on tiles read by windows (in DataLoader workers too)."""
 from __future__ import annotations
 
 import tracemalloc
@@ -13,14 +13,17 @@ import torch
 from PIL import Image
 
 from fastunet.cli import main
-from fastunet.learner.image_source import open_image
+from fastunet.learner.image_source import open_image, tile_starts
+from fastunet.learner.tiles import tile_dataloaders
+from fastunet.learner.unet_learner import more_dynamic_unet_learner
 from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.splits import make_folds
 from fastunet.pipeline.submission import rle_decode, rle_encode
 from fastunet.pipeline.tiling import TileGrid, predict_labels_tiled, predict_tiled
 from fastunet.pipeline.training import train_folds
-from fastunet.pipeline.workflow import segmentation_block
+from fastunet.pipeline.workflow import _tiled_rows, segmentation_block
+from fastunet.unet.model import MoreDynamicUnet
 
 
 def identity(tiles: torch.Tensor) -> torch.Tensor: return tiles.float() / 255
@@ -129,3 +132,64 @@ def test_a_tiff_that_cannot_be_opened_is_named_and_no_submission_is_left(fold_ru
     monkeypatch.setattr('sys.argv', ['fastunet', 'predict', str(run), str(images), '--out', str(out), '--folds', '0', '--tile', '96'])
     with pytest.raises(SystemExit, match="broken.tif' cannot be read as a TIFF"): main()
     assert list(tmp_path.glob('*submission*')) == []
+
+
+@pytest.fixture(scope='module')
+def large_pair(tmp_path_factory):
+    "Two generated 300×400 grayscale images with masks; the first also as a zlib-tiled TIFF."
+    data = make_synthetic_dataset(tmp_path_factory.mktemp('large_pair'), n_images=2, size=(300, 400), empty_fraction=0, seed=5)
+    images, masks = sorted((data / 'images').glob('*.png')), sorted((data / 'masks').glob('*.png'))
+    tiff = data / 'train.tif'
+    tifffile.imwrite(tiff, np.array(Image.open(images[0])), tile=(64, 64), compression='zlib')
+    return images, masks, tiff
+
+
+def test_tiles_read_by_dataloader_workers_are_the_tiles_read_in_process(large_pair):
+    images, masks, tiff = large_pair
+    batches = []
+    for workers in (0, 2):
+        dls = tile_dataloaders([tiff], [masks[0]], [tiff], [masks[0]], tile=64, samples=16, bs=4, num_workers=workers,
+                               batch_tfms=[])
+        batches.append([(x.clone(), y.clone()) for x, y in dls.valid])             # the fixed tiling: the same in any process
+    assert len(batches[0]) == len(batches[1]) == -(-len(tile_starts(300, 64, 64)) * len(tile_starts(400, 64, 64)) // 4)
+    for (x0, y0), (x1, y1) in zip(*batches): assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    image, mask = np.array(Image.open(images[0])), np.array(Image.open(masks[0]))
+    x, y = batches[1][0]
+    assert torch.equal(x[0, 0], torch.from_numpy(image[:64, :64] / 255).float()) and torch.equal(y[0], torch.from_numpy(mask[:64, :64]).long())
+
+
+def test_a_learner_trained_on_tiles_predicts_a_large_image_by_tiles(large_pair):
+    images, masks, tiff = large_pair
+    torch.manual_seed(0)
+    dls = tile_dataloaders([tiff], [masks[0]], [images[1]], [masks[1]], tile=64, samples=32, foreground_bias=0.5, bs=8, num_workers=0)
+    learn = more_dynamic_unet_learner(dls, 'resnet10t', pretrained=False)
+    learn.fit(1, 1e-3)
+    assert np.isfinite(learn.recorder.values[-1]).all()
+    probabilities = predict_tiled(learn, images[1], tile=128, overlap=0.25)
+    assert probabilities.shape == (2, 300, 400)
+    torch.testing.assert_close(probabilities.sum(0), torch.ones(300, 400), rtol=0, atol=1e-4)
+
+
+def test_binary_tiled_rows_use_the_threshold_and_empty_masks_below_min_area(tmp_path):
+    "A one-output (sigmoid) ensemble: the tiled rows are the RLE of probabilities > threshold, emptied below min_area."
+    torch.manual_seed(0)
+    model = MoreDynamicUnet('resnet10t', n_out=1, n_in=1, pretrained=False)
+    ensemble = FoldEnsemble([model], dict(n_in=1, n_out=1, activation='sigmoid', normalize=None), device='cpu')
+    image = np.random.default_rng(2).integers(0, 256, (150, 230), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / 'gray_strips.tif', image, rowsperstrip=7, compression='zlib')   # strips of 7 rows
+    tiling = dict(tile=64, overlap=0.25, tile_batch=4, blend='gaussian', tta=True)
+    probabilities = predict_tiled(ensemble, tmp_path / 'gray_strips.tif', tile=64, overlap=0.25, tile_batch=4)[0]
+    threshold = float(probabilities.median())                        # about half the pixels foreground: a real mask
+    [(name, rle)] = _tiled_rows(ensemble, [tmp_path / 'gray_strips.tif'], threshold, 0, tiling)
+    assert name == 'gray_strips' and np.array_equal(rle_decode(rle, image.shape), (probabilities > threshold).numpy())
+    [(_, emptied)] = _tiled_rows(ensemble, [tmp_path / 'gray_strips.tif'], threshold, image.size, tiling)
+    assert emptied == ''
+
+
+def test_rgb_tiffs_in_strips_and_tiles_give_the_windows_of_the_image(tmp_path):
+    image = np.random.default_rng(3).integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / 'strips.tif', image, rowsperstrip=16, compression='zlib')
+    tifffile.imwrite(tmp_path / 'tiles.tif', image, tile=(32, 16), compression='zlib')
+    for name in ('strips.tif', 'tiles.tif'):
+        probabilities = predict_tiled(identity, tmp_path / name, tile=48, overlap=0.5, n_channels=3)
+        torch.testing.assert_close(probabilities, torch.from_numpy(image / 255).float().permute(2, 0, 1), rtol=0, atol=1e-6)

@@ -6,16 +6,18 @@ a tiled or striped TIFF segment by segment, any other format through PIL (whole)
 # %% ../../nbs/28_learner.image_source.ipynb #aa58235c
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from .data import image_array
+from .data import image_array, image_channels
 
 # %% auto #0
-__all__ = ['TIFF_SUFFIXES', 'reflect_indices', 'ImageSource', 'ArraySource', 'TiffSegmentSource', 'open_image']
+__all__ = ['TIFF_SUFFIXES', 'reflect_indices', 'tile_starts', 'ImageSource', 'ArraySource', 'TiffSegmentSource',
+           'stored_channels', 'open_image']
 
 # %% ../../nbs/28_learner.image_source.ipynb #6859d5cd
 def reflect_indices(indices: np.ndarray, length: int) -> np.ndarray:
@@ -24,6 +26,12 @@ def reflect_indices(indices: np.ndarray, length: int) -> np.ndarray:
     period = 2 * (length - 1)
     folded = np.abs(indices) % period
     return np.where(folded >= length, period - folded, folded)
+
+# %% ../../nbs/28_learner.image_source.ipynb #b19f8f60
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    "Where tiles of `tile` pixels start along an axis of `length` pixels, `stride` apart, the last one flush with the end."
+    if length <= tile: return [0]
+    return [min(i * stride, length - tile) for i in range(math.ceil((length - tile) / stride) + 1)]
 
 # %% ../../nbs/28_learner.image_source.ipynb #7f8d38e1
 class ImageSource:
@@ -46,6 +54,9 @@ class ImageSource:
         window = self.read(int(row0), int(col0), int(rows.max() - row0 + 1), int(cols.max() - col0 + 1))
         return window[np.ix_(rows - row0, cols - col0)]
 
+    def close(self) -> None:
+        "Release the file, where one is open (a source reopens it if read again)."
+
 class ArraySource(ImageSource):
     "An image in memory, or memory-mapped (`np.load(mmap_mode='r')`, `tifffile.memmap`): the OS reads the pages a window touches."
     def __init__(self, array: np.ndarray, name: str = 'the image'):
@@ -62,7 +73,7 @@ class ArraySource(ImageSource):
 class TiffSegmentSource(ImageSource):
     "A compressed TIFF (tiled or in strips) decoded segment by segment: a window decodes the tiles or strips it overlaps."
     def __init__(self, path: str | Path, cache_bytes: int = 256 * 2 ** 20):   # decoded segments kept for the next windows
-        self.path, self.name, self.cache_bytes = Path(path), f"'{path}'", cache_bytes
+        self.path, self.name, self.cache_bytes, self._file = Path(path), f"'{path}'", cache_bytes, None
         page = self._page()
         self.shape = (page.imagelength, page.imagewidth, page.samplesperpixel)
         self.tiled = page.is_tiled
@@ -76,7 +87,7 @@ class TiffSegmentSource(ImageSource):
 
     def _page(self):
         "The first page, the file opened once per process."
-        if getattr(self, '_pid', None) != os.getpid():
+        if getattr(self, '_pid', None) != os.getpid() or self._file is None:
             import tifffile
             self._file, self._pid, self._cache = tifffile.TiffFile(self.path), os.getpid(), OrderedDict()
         return self._file.pages[0]
@@ -100,6 +111,13 @@ class TiffSegmentSource(ImageSource):
             self._cache.popitem(last=False)     # least recently used first
         return found
 
+    def close(self) -> None:
+        if self._file is not None: self._file.close()
+        self._file, self._cache = None, OrderedDict()
+
+    def __getstate__(self):            # another process (a spawned DataLoader worker) opens the file itself
+        return {**self.__dict__, '_file': None, '_pid': None, '_cache': OrderedDict()}
+
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         window = np.empty((height, width, self.shape[2]), np.uint8)
         segment_rows = range(top // self.segment_height, (top + height - 1) // self.segment_height + 1)
@@ -117,6 +135,23 @@ class TiffSegmentSource(ImageSource):
 # %% ../../nbs/28_learner.image_source.ipynb #1fedce76
 TIFF_SUFFIXES = ('.tif', '.tiff')
 
+def _open_npy(path: Path) -> ArraySource:
+    try: array = np.load(path, mmap_mode='r')
+    except ValueError as e: raise ValueError(f"'{path}' cannot be read as a .npy array ({e})") from e
+    return ArraySource(array.view(np.uint8) if array.dtype == bool else array, f"'{path}'")
+
+def stored_channels(item: str | Path | np.ndarray) -> int:
+    "The channels of an image as stored: a TIFF's samples, a .npy array's last axis, a PIL image's bands (palette as RGB)."
+    if isinstance(item, np.ndarray): return 1 if item.ndim == 2 else item.shape[2]
+    suffix = Path(item).suffix.lower()
+    if suffix == '.npy': return open_image(item, None).shape[2]
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+        try:
+            with tifffile.TiffFile(item) as tif: return tif.pages[0].samplesperpixel
+        except Exception as e: raise ValueError(f"'{item}' cannot be read as a TIFF ({type(e).__name__}: {e})") from e   # noqa: BLE001
+    return image_channels(item)
+
 def _open_tiff(path: Path) -> ImageSource:
     import tifffile
     try:
@@ -124,7 +159,9 @@ def _open_tiff(path: Path) -> ImageSource:
             page = tif.pages[0]
             problem = (f'{page.dtype} samples' if page.dtype != np.uint8 else
                        'separate colour planes' if page.samplesperpixel > 1 and page.planarconfig != 1 else
-                       'a 3-D (deep) image' if page.imagedepth > 1 else None)
+                       'a 3-D (deep) image' if page.imagedepth > 1 else
+                       'a palette (colours by index)' if page.photometric == 3 else
+                       'inverted grey levels (min-is-white)' if page.photometric == 0 else None)
             memmappable = page.is_memmappable
     except Exception as e:      # noqa: BLE001 (a damaged file raises TiffFileError, IndexError, struct.error, …)
         raise ValueError(f"'{path}' cannot be read as a TIFF ({type(e).__name__}: {e})") from e
@@ -133,7 +170,7 @@ def _open_tiff(path: Path) -> ImageSource:
     return TiffSegmentSource(path)
 
 def open_image(item: str | Path | np.ndarray | ImageSource,   # a file (TIFF and .npy read by windows), a uint8 array or a source
-               n_channels: int                             # the channels the model takes
+               n_channels: int | None                      # the channels the model takes (None: as stored, for TIFF and .npy)
                ) -> ImageSource:
     "An `ImageSource` for `item`: TIFF and .npy by windows (memory-mapped where uncompressed), other formats whole through PIL."
     if isinstance(item, ImageSource): source = item
@@ -141,12 +178,11 @@ def open_image(item: str | Path | np.ndarray | ImageSource,   # a file (TIFF and
     elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',):
         path = Path(item)
         if not path.is_file(): raise FileNotFoundError(f"'{path}' does not exist")
-        if path.suffix.lower() == '.npy':
-            try: source = ArraySource(np.load(path, mmap_mode='r'), f"'{path}'")
-            except ValueError as e: raise ValueError(f"'{path}' cannot be read as a .npy array ({e})") from e
-        else: source = _open_tiff(path)
-    else: source = ArraySource(image_array(item, n_channels), f"'{item}'" if isinstance(item, (str, Path)) else 'the image')
-    if source.shape[2] != n_channels:
+        source = _open_npy(path) if path.suffix.lower() == '.npy' else _open_tiff(path)
+    else:                                       # PNG, JPEG, … or a PIL image: decoded whole, converted to the model's channels
+        channels = n_channels or (stored_channels(item) if isinstance(item, (str, Path)) else len(item.getbands()))
+        source = ArraySource(image_array(item, channels), f"'{item}'" if isinstance(item, (str, Path)) else 'the image')
+    if n_channels is not None and source.shape[2] != n_channels:
         raise ValueError(f"{source.name}: the model takes {n_channels}-channel images; this one has {source.shape[2]} "
                          f"(shape {source.shape}): convert it first")
     return source

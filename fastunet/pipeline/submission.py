@@ -21,7 +21,8 @@ __all__ = ['DEFAULT_THRESHOLDS', 'rle_encode', 'rle_decode', 'apply_threshold', 
 
 # %% ../../nbs/38_pipeline.submission.ipynb #4137e09c
 def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, width): boolean or 0/1, or probabilities with `threshold`
-               threshold: float | None = None          # foreground where mask > threshold (for probabilities)
+               threshold: float | None = None,         # foreground where mask > threshold (for probabilities)
+               label: int | None = None                # foreground where mask == label (one class of a label map)
                ) -> str:
     "Run-length encode a 2-D mask: column-major, 1-indexed 'start length …'."
     array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask
@@ -34,7 +35,8 @@ def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, wi
     columns_per_block = max(1, 2 ** 24 // max(1, array.shape[0]))
     changes, previous, offset = [], False, 0
     for first in range(0, array.shape[1], columns_per_block):
-        pixels = _foreground(np.asarray(array[:, first:first + columns_per_block]), threshold).T.ravel()
+        block = np.asarray(array[:, first:first + columns_per_block])
+        pixels = (block == label if label is not None else _foreground(block, threshold)).T.ravel()
         if not pixels.size: continue
         steps = np.flatnonzero(pixels != np.concatenate([[previous], pixels[:-1]]))
         changes.append(steps + offset + 1)

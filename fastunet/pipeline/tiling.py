@@ -6,7 +6,6 @@ memory bounded by the tile batch and one row of tiles, never by the image."""
 # %% ../../nbs/36_pipeline.tiling.ipynb #c507682e
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,14 +15,14 @@ import torch
 import torch.nn as nn
 from fastai.learner import Learner
 
-from ..learner.image_source import ImageSource, open_image
-from .inference import inference_model
+from ..learner.image_source import ImageSource, open_image, tile_starts
+from .inference import inference_model, probe_input
 from .training import _normalize_stats
 from .tta import OUTPUT_ACTIVATIONS, flip_tta, output_activation
 
 # %% auto #0
-__all__ = ['BLENDINGS', 'overlap_pixels', 'tile_starts', 'TileGrid', 'blending_weights', 'iter_tiled', 'tile_predictor',
-           'predict_tiled', 'predict_labels_tiled']
+__all__ = ['BLENDINGS', 'overlap_pixels', 'TileGrid', 'blending_weights', 'iter_tiled', 'tile_predictor', 'predict_tiled',
+           'predict_labels_tiled']
 
 # %% ../../nbs/36_pipeline.tiling.ipynb #e581fb48
 def overlap_pixels(overlap: float | int, tile: int) -> int:
@@ -37,11 +36,6 @@ def overlap_pixels(overlap: float | int, tile: int) -> int:
         return int(round(overlap * tile))
     if not 0 <= overlap < tile: raise ValueError(f"overlap of {overlap} pixels must be at least 0 and below the tile ({tile} px)")
     return int(overlap)
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    "Where tiles of `tile` pixels start along an axis of `length` pixels, `stride` apart, the last one flush with the end."
-    if length <= tile: return [0]
-    return [min(i * stride, length - tile) for i in range(math.ceil((length - tile) / stride) + 1)]
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -128,6 +122,9 @@ def iter_tiled(predict: Callable[[torch.Tensor], torch.Tensor],   # uint8 tiles 
         nonlocal band
         batch = torch.from_numpy(np.stack([window for _, _, window in pending])).permute(0, 3, 1, 2)
         probabilities = predict(batch).float().cpu().numpy()
+        if probabilities.ndim != 4 or probabilities.shape[0] != len(pending) or probabilities.shape[2:] != grid.tile:
+            raise ValueError(f"the predictor gave {tuple(probabilities.shape)} for {len(pending)} tiles of {grid.tile}: it must return "
+                             f"probabilities (tiles, channels, {grid.tile[0]}, {grid.tile[1]}), one map per tile at the tile's size")
         if band is None: band = _RowBand(grid, probabilities.shape[1], weights)
         for (top, left, _), tile_probabilities in zip(pending, probabilities): band.add(top, left, tile_probabilities)
         pending.clear()
@@ -149,28 +146,36 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
     "A function from uint8 tiles (B, C, h, w) to probabilities (B, n_out, h, w): what `iter_tiled` and `predict_tiled` call."
     if hasattr(predictor, 'predict_batch'): return lambda tiles: predictor.predict_batch(tiles, tta)     # a FoldEnsemble
     if isinstance(predictor, Learner):
-        activation_fn, stats = output_activation(predictor.loss_func), _normalize_stats(predictor.dls)
-        model = inference_model(predictor, **{'device': predictor.dls.device, **inference})
+        activation_fn, stats, module = output_activation(predictor.loss_func), _normalize_stats(predictor.dls), predictor.model
+        device = inference.pop('device', None) or predictor.dls.device      # the data's device (None: where the model is)
     elif isinstance(predictor, nn.Module):
         if activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(f"a bare model needs activation= one of {list(OUTPUT_ACTIVATIONS)} (and normalize=(mean, std) if it was "
                              "trained on normalised images); or pass its Learner, which knows both")
-        activation_fn, stats, model = OUTPUT_ACTIVATIONS[activation], normalize, inference_model(predictor, **inference)
+        activation_fn, stats, module = OUTPUT_ACTIVATIONS[activation], normalize, predictor
+        device = inference.pop('device', None)
     elif callable(predictor): return predictor
     else: raise TypeError(f"predict with a Learner, a model, a FoldEnsemble or a function of uint8 batches, not {type(predictor).__name__}")
-    device = next(model.parameters()).device
+    device = torch.device(device or next(module.parameters(), torch.empty(0)).device)
     mean, std = (None, None) if stats is None else (torch.tensor(stats[0], device=device).view(1, -1, 1, 1),
                                                     torch.tensor(stats[1], device=device).view(1, -1, 1, 1))
+    prepared = None
     def predict(tiles: torch.Tensor) -> torch.Tensor:
+        nonlocal prepared
         x = tiles.to(device).float() / 255
         if mean is not None: x = (x - mean) / std
-        return flip_tta(model, x, activation_fn, flip=tta)
+        if prepared is None:        # folds found on a small probe (a MoreDynamicUnet) or on the first tile (any other model)
+            example = inference.get('example', probe_input(module))
+            prepared = inference_model(module, **{**inference, 'device': device, 'example': x[:1] if example is None else example})
+        return flip_tta(prepared, x, activation_fn, flip=tta)
     return predict
 
 # %% ../../nbs/36_pipeline.tiling.ipynb #bcb62eed
-def _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta):
-    source = open_image(image, n_channels)
-    return source, iter_tiled(tile_predictor(predictor, tta), source, tile, overlap, blend, tile_batch, reflect)
+def _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize):
+    "The image's source, and its blended rows from the predictor (`tile_predictor`'s options)."
+    source = open_image(image, n_channels or _channels_of(predictor))
+    predict = tile_predictor(predictor, tta, activation, normalize)
+    return source, iter_tiled(predict, source, tile, overlap, blend, tile_batch, reflect)
 
 def _channels_of(predictor) -> int:
     "The channels the predictor takes: the ensemble's or learner's `n_in`, else its model's."
@@ -179,7 +184,7 @@ def _channels_of(predictor) -> int:
         if isinstance(n_in, int): return n_in
     raise ValueError("the number of image channels cannot be told from this predictor: pass n_channels=")
 
-def predict_tiled(predictor,                          # a Learner, a model (with `activation=` in `tile_predictor`'s sense), or a FoldEnsemble
+def predict_tiled(predictor,                          # a Learner, a FoldEnsemble, a model (with `activation`), or a function of uint8 batches
                   image: str | Path | np.ndarray | ImageSource,   # a file (TIFF and .npy read by windows), a uint8 array or a source
                   tile: int | tuple[int, int] = 512,  # tile side in pixels; an image that fits one is predicted whole
                   overlap: float | int = 0.25,        # a fraction of the tile, or pixels
@@ -187,27 +192,28 @@ def predict_tiled(predictor,                          # a Learner, a model (with
                   tile_batch: int = 8,                # tiles per forward pass
                   reflect: bool = True,               # mirror the border (half the overlap)
                   tta: bool = True,                   # horizontal-flip TTA on every tile
-                  n_channels: int | None = None       # the image channels the model takes (default: the predictor's `n_in`)
+                  n_channels: int | None = None,      # the image channels the model takes (default: the predictor's `n_in`)
+                  activation: str | None = None,      # a bare model's output activation: 'sigmoid', 'softmax' or 'identity'
+                  normalize: tuple | None = None      # a bare model's input (mean, std) in [0, 1] units
                   ) -> torch.Tensor:
     "Probabilities (n_out, H, W) of one image, predicted by overlapping tiles and blended."
-    if isinstance(predictor, nn.Module) and not isinstance(predictor, Learner): predictor = tile_predictor(predictor, tta, 'identity')
-    source, rows = _tiled_rows(predictor, image, n_channels or _channels_of(predictor), tile, overlap, blend, tile_batch, reflect, tta)
+    source, rows = _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize)
     probabilities = None
     for first, band in rows:
         if probabilities is None: probabilities = np.empty((band.shape[0], *source.shape[:2]), np.float32)
         probabilities[:, first:first + band.shape[1]] = band
     return torch.from_numpy(probabilities)
 
-def predict_labels_tiled(predictor,                   # a Learner or a FoldEnsemble (or a function of uint8 batches, with `n_channels`)
+def predict_labels_tiled(predictor,                   # as in `predict_tiled`
                          image: str | Path | np.ndarray | ImageSource,
                          threshold: float = 0.5,      # one output channel: foreground where its probability > threshold
                          path: str | Path | None = None,  # a .npy file for the label map, memory-mapped (default: in memory)
                          tile: int | tuple[int, int] = 512, overlap: float | int = 0.25, blend: str = 'gaussian',
                          tile_batch: int = 8, reflect: bool = True, tta: bool = True,   # as in `predict_tiled`
-                         n_channels: int | None = None
+                         n_channels: int | None = None, activation: str | None = None, normalize: tuple | None = None
                          ) -> np.ndarray:
     "A uint8 label map (H, W) of one image, without ever holding its float probabilities: 0/1 for one channel, else the class."
-    source, rows = _tiled_rows(predictor, image, n_channels or _channels_of(predictor), tile, overlap, blend, tile_batch, reflect, tta)
+    source, rows = _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize)
     shape = source.shape[:2]
     labels = np.zeros(shape, np.uint8) if path is None else np.lib.format.open_memmap(path, 'w+', np.uint8, shape)
     for first, band in rows:

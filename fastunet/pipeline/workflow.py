@@ -185,15 +185,17 @@ LABELS_IN_MEMORY = 2 ** 28    # pixels: a larger image's label map (uint8) goes 
 def _tiled_rows(ensemble: FoldEnsemble, images: list[Path], threshold: float | None, min_area: int | None,
                 tiling: dict) -> Iterator[tuple[str, str]]:
     "Submission rows of images predicted by tiles: only a uint8 label map per image is kept, never its float probabilities."
-    with tempfile.TemporaryDirectory(prefix='fastunet_labels_') as folder:
+    with tempfile.TemporaryDirectory(prefix='fastunet_labels_') as folder:      # the system's temporary folder (TMPDIR)
         for index, item in enumerate(progress_bar(images, leave=False)):
-            height, width = open_image(item, ensemble.n_in).shape[:2]     # a header read: a TIFF that cannot open fails here
+            source = open_image(item, ensemble.n_in)                 # opened once: its size says where the label map goes
+            height, width = source.shape[:2]
             path = Path(folder) / f'{index}.npy' if height * width > LABELS_IN_MEMORY else None
-            labels = predict_labels_tiled(ensemble, item, threshold if threshold is not None else 0.5, path, **tiling)
+            try: labels = predict_labels_tiled(ensemble, source, threshold if threshold is not None else 0.5, path, **tiling)
+            finally: source.close()
             if ensemble.record['n_out'] == 1:
                 too_small = min_area and int(labels.sum(dtype=np.int64)) < min_area
                 yield Path(item).stem, '' if too_small else rle_encode(labels)
-            else: yield from ((f'{Path(item).stem}_{c}', rle_encode(labels == c)) for c in range(1, ensemble.record['n_out']))
+            else: yield from ((f'{Path(item).stem}_{c}', rle_encode(labels, label=c)) for c in range(1, ensemble.record['n_out']))
             del labels
             if path is not None: path.unlink()
 

@@ -1,10 +1,12 @@
 """Every benchmark that sets fastunet beside fastai's `unet_learner` and smp's `Unet`, in one command:
-speed and memory (resnet34 @ 128 batch 8, resnet50 @ 256 batch 4), accuracy on ISBI 2012, and the fold
-ensemble. Prints the tables and writes `results/benchmarks.json` and `results/performance.md` (which the
-README includes: `python tools/make_readme.py` after a run).
+speed and memory (resnet34 @ 128 batch 8, resnet50 @ 256 batch 4), accuracy on ISBI 2012, the fold
+ensemble, and large images (tiled prediction beside MONAI's, ISBI whole vs tiled). Prints the tables and writes
+`results/benchmarks.json` and `results/performance.md`, and for large images `results/tiling.md` and
+`results/tiled_isbi.md` (which the README includes: `python tools/make_readme.py` after a run).
 
     python tests/benchmarks/run_all.py                     # everything (about 1.5 h on 2 CPU cores)
     python tests/benchmarks/run_all.py --only speed        # one section; the others keep their last results
+    python tests/benchmarks/run_all.py --only tiling       # large images (about 12 min)
     python tests/benchmarks/run_all.py --only accuracy --models 'smp Unet' 'fastunet default'   # some rows again
 
 A partial run replaces only what it measured, so every figure in the files comes from a benchmark run.
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ensemble
 import isbi_accuracy
 import speed
+import tiled_isbi
+import tiling
 from models import MODELS, REFERENCE, candidate
 
 RESULTS = Path(__file__).parent / 'results'
@@ -96,7 +100,8 @@ def report(results: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', nargs='+', choices=['speed', 'accuracy', 'ensemble'], default=['speed', 'accuracy', 'ensemble'])
+    parser.add_argument('--only', nargs='+', choices=['speed', 'accuracy', 'ensemble', 'tiling'],
+                        default=['speed', 'accuracy', 'ensemble', 'tiling'])
     parser.add_argument('--models', nargs='+', default=list(MODELS), help='models for the speed and accuracy sections')
     parser.add_argument('--speed', nargs='+', choices=list(SPEED_SETTINGS), default=list(SPEED_SETTINGS))
     parser.add_argument('--epochs', type=int, default=20)
@@ -130,6 +135,11 @@ def main():
         results['ensemble'] = ensemble.run(threads=args.threads)
         print(ensemble.table(results['ensemble']), '\n', flush=True)
         save()
+    if 'tiling' in args.only:                        # its own files, included in the README's section on large images
+        for benchmark, options in ((tiling, {}), (tiled_isbi, dict(epochs=10))):
+            result = benchmark.run(threads=args.threads, **options)
+            benchmark.save(result)
+            print(benchmark.table(result), '\n', flush=True)
     print(targets(results))
 
 

@@ -96,6 +96,44 @@ def run_case(library, side, model, args, folder: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run(sides=(2048, 8192, 20000), speed_side: int = 2048, tile: int = 256, overlap: float = 0.25, tile_batch: int = 8,
+        threads: int = 2) -> dict:
+    "Every case in a fresh subprocess: the resnet10t U-Net at `speed_side`², then the one-convolution model at each side."
+    settings = argparse.Namespace(tile=tile, overlap=overlap, tile_batch=tile_batch, threads=threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='fastunet_tiling_bench_') as folder:
+        for library in ('fastunet', 'monai'): rows.append(run_case(library, speed_side, 'resnet10t', settings, Path(folder)))
+        for side in sides:
+            for library in ('fastunet', 'monai'): rows.append(run_case(library, side, 'conv', settings, Path(folder)))
+    return dict(sides=list(sides), speed_side=speed_side, tile=tile, overlap=overlap, tile_batch=tile_batch, threads=threads, rows=rows)
+
+
+def table(result: dict) -> str:
+    rows = result['rows']
+    speed = {r['library']: r for r in rows if r['model'] == 'resnet10t'}
+    lines = [f"**Tiled prediction against MONAI's `sliding_window_inference`**: tiles {result['tile']}, overlap {result['overlap']}, "
+             f"batch {result['tile_batch']}, Gaussian, {result['threads']} threads", '',
+             '| model | image | fastunet MP/s | MONAI MP/s | ratio |', '|---|---|---|---|---|',
+             f"| resnet10t U-Net | {result['speed_side']}² RGB | {speed['fastunet']['megapixels_per_s']:.3f} | "
+             f"{speed['monai']['megapixels_per_s']:.3f} | {speed['fastunet']['megapixels_per_s'] / speed['monai']['megapixels_per_s']:.2f}× |",
+             '', 'Memory against image size (a one-convolution model, so that tiling and blending dominate):', '',
+             '| image (RGB) | fastunet peak allocated (MiB) | MONAI peak allocated (MiB) | fastunet peak RSS incl. mapped file (MiB) '
+             '| MONAI peak RSS (MiB) | fastunet MP/s | MONAI MP/s |', '|---|---|---|---|---|---|---|']
+    for side in result['sides']:
+        f, m = (next(r for r in rows if r['model'] == 'conv' and r['side'] == side and r['library'] == lib) for lib in ('fastunet', 'monai'))
+        lines.append(f"| {side}² | {f['peak_anonymous_above_baseline_mib']:.0f} | {m['peak_anonymous_above_baseline_mib']:.0f} | "
+                     f"{f['peak_rss_above_baseline_mib']:.0f} | {m['peak_rss_above_baseline_mib']:.0f} | "
+                     f"{f['megapixels_per_s']:.2f} | {m['megapixels_per_s']:.2f} |")
+    return '\n'.join(lines)
+
+
+def save(result: dict) -> None:
+    "results/tiling.md (which the README includes) and results/tiling.json."
+    results = Path(__file__).parent / 'results'
+    (results / 'tiling.md').write_text(table(result) + '\n')
+    (results / 'tiling.json').write_text(json.dumps(result, indent=1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sides', type=int, nargs='*', default=[2048, 8192, 20000])
@@ -110,26 +148,9 @@ def main():
         library, side, model, tile, overlap, tile_batch, threads, path = args.child
         print(json.dumps(child(library, int(side), model, int(tile), float(overlap), int(tile_batch), int(threads), path)))
         return
-    rows = []
-    with tempfile.TemporaryDirectory(prefix='fastunet_tiling_bench_') as folder:
-        for library in ('fastunet', 'monai'): rows.append(run_case(library, args.speed_side, 'resnet10t', args, Path(folder)))
-        for side in args.sides:
-            for library in ('fastunet', 'monai'): rows.append(run_case(library, side, 'conv', args, Path(folder)))
-    speed = {r['library']: r for r in rows if r['model'] == 'resnet10t'}
-    print(f"**Tiled prediction**, tiles {args.tile}, overlap {args.overlap}, batch {args.tile_batch}, Gaussian, {args.threads} threads\n")
-    print(f"| model | image | fastunet MP/s | MONAI MP/s | ratio |\n|---|---|---|---|---|\n"
-          f"| resnet10t U-Net | {args.speed_side}² RGB | {speed['fastunet']['megapixels_per_s']:.3f} | {speed['monai']['megapixels_per_s']:.3f} "
-          f"| {speed['fastunet']['megapixels_per_s'] / speed['monai']['megapixels_per_s']:.2f}× |\n")
-    print('Memory against image size (a one-convolution model, so that tiling and blending dominate):\n')
-    print('| image (RGB) | fastunet peak allocated (MiB) | MONAI peak allocated (MiB) | fastunet peak RSS incl. mapped file (MiB) '
-          '| MONAI peak RSS (MiB) | fastunet MP/s | MONAI MP/s |\n|---|---|---|---|---|---|---|')
-    for side in args.sides:
-        f, m = (next(r for r in rows if r['model'] == 'conv' and r['side'] == side and r['library'] == lib) for lib in ('fastunet', 'monai'))
-        print(f"| {side}² | {f['peak_anonymous_above_baseline_mib']:.0f} | {m['peak_anonymous_above_baseline_mib']:.0f} | "
-              f"{f['peak_rss_above_baseline_mib']:.0f} | {m['peak_rss_above_baseline_mib']:.0f} | "
-              f"{f['megapixels_per_s']:.2f} | {m['megapixels_per_s']:.2f} |")
-    results = Path(__file__).parent / 'results'
-    (results / 'tiling.json').write_text(json.dumps(rows, indent=1))
+    result = run(args.sides, args.speed_side, args.tile, args.overlap, args.tile_batch, args.threads)
+    save(result)
+    print(table(result))
 
 
 if __name__ == '__main__':
