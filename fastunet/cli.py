@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fastcore.script import call_parse, parse_cli
 from .learner.distributed import is_main_process
 from .pipeline.demo import run_demo
 from .pipeline.files import atomic_write
-from .pipeline.workflow import list_images, run_prediction, run_training
+from .pipeline.workflow import IMAGE_SUFFIXES, list_images, run_prediction, run_training
 
 # %% auto #0
 __all__ = ['COMMANDS', 'demo', 'train', 'predict', 'main']
@@ -97,7 +98,7 @@ def predict(models: str,                # folder of fold records and weights (fa
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     if tile is None and (overlap != '0.25' or tile_batch != 8 or blend != 'gaussian'):
         raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
-    files = list_images(images)
+    files = list_images(images, IMAGE_SUFFIXES + (('.npy',) if tile else ()))     # arrays are read by windows with --tile
     path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds), workers,
                           not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend)
     print(f'wrote {path} ({len(files)} images)')
@@ -115,7 +116,10 @@ def main():
     command = sys.argv.pop(1)
     sys.argv[0] = f'fastunet {command}'
     args, kwargs, _ = parse_cli(COMMANDS[command])
+    # SIGTERM (a scheduler's time limit, `kill`) ends the command as Ctrl-C does: temporary files and folders are removed
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try: COMMANDS[command](*args, **kwargs)
     except (ValueError, FileNotFoundError) as e:      # bad arguments, data or run folders: the message says what to do
         if os.environ.get('FASTUNET_TRACEBACK'): raise
         sys.exit(f"fastunet {command}: {e}\n(FASTUNET_TRACEBACK=1 shows where this came from)")
+    finally: signal.signal(signal.SIGTERM, previous)

@@ -112,14 +112,14 @@ def test_fastunet_predict_with_tiles_writes_the_tiled_label_maps(fold_run, tmp_p
     ensemble, image, folder, run = fold_run
     images = tmp_path / 'images'
     images.mkdir()
-    for name in ('plain.tif', 'tiled.tif'): (images / name.replace('.tif', '_x.tif')).write_bytes((folder / name).read_bytes())
+    for name in ('plain.tif', 'tiled.tif', 'array.npy'): (images / name.replace('.', '_x.')).write_bytes((folder / name).read_bytes())
     out = tmp_path / 'submission.csv'
     monkeypatch.setattr('sys.argv', ['fastunet', 'predict', str(run), str(images), '--out', str(out), '--folds', '0',
                                      '--tile', '96', '--overlap', '24'])
     main()
     rows = pd.read_csv(out, keep_default_na=False)
     expected = predict_labels_tiled(ensemble, image, tile=96, overlap=24) == 1    # two classes: a row per image and class 1
-    assert sorted(rows['id']) == ['plain_x_1', 'tiled_x_1'] and 0 < expected.mean() < 1
+    assert sorted(rows['id']) == ['array_x_1', 'plain_x_1', 'tiled_x_1'] and 0 < expected.mean() < 1
     for rle in rows['rle_mask']: assert np.array_equal(rle_decode(rle, image.shape), expected)
 
 
@@ -193,3 +193,22 @@ def test_rgb_tiffs_in_strips_and_tiles_give_the_windows_of_the_image(tmp_path):
     for name in ('strips.tif', 'tiles.tif'):
         probabilities = predict_tiled(identity, tmp_path / name, tile=48, overlap=0.5, n_channels=3)
         torch.testing.assert_close(probabilities, torch.from_numpy(image / 255).float().permute(2, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_a_terminated_tiled_prediction_leaves_no_file_behind(fold_run, tmp_path):
+    "SIGTERM (a scheduler's time limit) ends `fastunet predict --tile` like Ctrl-C: no submission, no temporary file."
+    import signal, subprocess, time
+    from conftest import fastunet_command
+    *_, run = fold_run
+    images = tmp_path / 'images'
+    images.mkdir()
+    np.save(images / 'large.npy', np.random.default_rng(0).integers(0, 256, (1500, 1500), dtype=np.uint8))
+    out = tmp_path / 'out' / 'submission.csv'
+    process = subprocess.Popen([fastunet_command(), 'predict', str(run), str(images), '--out', str(out), '--folds', '0',
+                                '--tile', '32', '--overlap', '16'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out.parent.glob('.submission.csv.*.tmp')) and time.time() < deadline and process.poll() is None: time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-2000:]       # still predicting its 8,000 tiles
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(out.parent.iterdir()) == []

@@ -64,6 +64,7 @@ class ArraySource(ImageSource):
         if array.ndim != 3 or array.dtype != np.uint8:
             raise ValueError(f"{name}: an image is a uint8 array of height × width [× channels]; got {array.dtype} of shape "
                              f"{array.shape}: convert it first (e.g. np.uint8(array * 255))")
+        if not array.shape[0] or not array.shape[1]: raise ValueError(f"{name} is empty (shape {array.shape}): nothing to predict")
         self.array, self.name, self.shape = array, name, tuple(array.shape)
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -100,8 +101,11 @@ class TiffSegmentSource(ImageSource):
             handle = self._file.filehandle
             for data, index in handle.read_segments([page.dataoffsets[i] for i in missing], [page.databytecounts[i] for i in missing],
                                                     indices=missing, lock=handle.lock, sort=True):
-                segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader,
-                                                _fullsize=self.tiled)
+                try: segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader,
+                                                     _fullsize=self.tiled)
+                except Exception as e:        # noqa: BLE001 (zlib.error, imagecodecs' errors, …)
+                    raise ValueError(f"{self.name}: its segment {index} cannot be decoded ({type(e).__name__}: {e}): "
+                                     "the file may be damaged") from e
                 self._cache[index] = np.zeros(shape[-3:], np.uint8) if segment is None else segment.reshape(shape[-3:])
         found = {}
         for i in indices:
@@ -163,6 +167,9 @@ def _open_tiff(path: Path) -> ImageSource:
                        'a palette (colours by index)' if page.photometric == 3 else
                        'inverted grey levels (min-is-white)' if page.photometric == 0 else None)
             memmappable = page.is_memmappable
+            size = tif.filehandle.size
+            ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts)]
+            if ends and max(ends) > size: problem = f'data past its end ({max(ends)} bytes announced, {size} present): it is truncated'
     except Exception as e:      # noqa: BLE001 (a damaged file raises TiffFileError, IndexError, struct.error, …)
         raise ValueError(f"'{path}' cannot be read as a TIFF ({type(e).__name__}: {e})") from e
     if problem: raise ValueError(f"'{path}' holds {problem}; fastunet reads 8-bit TIFFs with interleaved channels: convert it first")
@@ -183,6 +190,7 @@ def open_image(item: str | Path | np.ndarray | ImageSource,   # a file (TIFF and
         channels = n_channels or (stored_channels(item) if isinstance(item, (str, Path)) else len(item.getbands()))
         source = ArraySource(image_array(item, channels), f"'{item}'" if isinstance(item, (str, Path)) else 'the image')
     if n_channels is not None and source.shape[2] != n_channels:
+        hint = ' (it looks channels-first: store height × width × channels)' if source.shape[2] > 4 and source.shape[0] <= 4 else ''
         raise ValueError(f"{source.name}: the model takes {n_channels}-channel images; this one has {source.shape[2]} "
-                         f"(shape {source.shape}): convert it first")
+                         f"(shape {source.shape}){hint}: convert it first")
     return source

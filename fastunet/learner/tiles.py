@@ -28,7 +28,11 @@ __all__ = ['open_mask', 'TileDataset', 'RandomTiles', 'FixedTiles', 'tile_datalo
 # %% ../../nbs/29_learner.tiles.ipynb #d7d25752
 def open_mask(item: str | Path | np.ndarray | ImageSource) -> ImageSource:
     "A mask as stored (class codes, a palette's indices), one uint8 channel: TIFF and .npy by windows, other formats whole."
-    if isinstance(item, np.ndarray) and item.dtype == bool: item = item.view(np.uint8)
+    if isinstance(item, np.ndarray) and item.dtype != np.uint8:      # class codes given as bool or wider integers
+        if item.dtype != bool and not (np.issubdtype(item.dtype, np.integer) and item.min(initial=0) >= 0 and item.max(initial=0) <= 255):
+            raise ValueError(f"a mask array holds class codes 0..255 (or booleans); got {item.dtype} with values from "
+                             f"{item.min(initial=0)} to {item.max(initial=0)}")
+        item = item.astype(np.uint8)
     if isinstance(item, (ImageSource, np.ndarray)) or Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',):
         source = open_image(item, None)
     else:
@@ -165,6 +169,7 @@ def tile_dataloaders(train_images: Sequence, train_masks: Sequence,   # large im
                      **kwargs                             # `DataLoaders.from_dsets`: num_workers, device, …
                      ) -> DataLoaders:
     "fastai DataLoaders of random training tiles and fixed validation tiles, each read as a window of its image."
+    if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1: raise ValueError(f'bs must be a whole number ≥ 1, not {bs!r}')
     options = dict(n_channels=n_channels, binary=binary, codes=codes)
     train = RandomTiles(train_images, train_masks, tile, samples, foreground_bias, **options)
     valid = FixedTiles(valid_images, valid_masks, tile, **{**options, 'n_channels': train.n_channels})

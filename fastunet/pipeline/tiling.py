@@ -16,6 +16,7 @@ import torch.nn as nn
 from fastai.learner import Learner
 
 from ..learner.image_source import ImageSource, open_image, tile_starts
+from .files import atomic_write
 from .inference import inference_model, probe_input
 from .training import _normalize_stats
 from .tta import OUTPUT_ACTIVATIONS, flip_tta, output_activation
@@ -33,7 +34,9 @@ def overlap_pixels(overlap: float | int, tile: int) -> int:
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap {overlap} as a fraction of the tile must be at least 0 and below 1 (e.g. 0.25); "
                              "for pixels pass a whole number")
-        return int(round(overlap * tile))
+        pixels = int(round(overlap * tile))
+        if pixels >= tile: raise ValueError(f"overlap {overlap} of a {tile}-pixel tile rounds to the whole tile: choose a smaller fraction")
+        return pixels
     if not 0 <= overlap < tile: raise ValueError(f"overlap of {overlap} pixels must be at least 0 and below the tile ({tile} px)")
     return int(overlap)
 
@@ -50,7 +53,9 @@ class TileGrid:
     def for_image(cls, height: int, width: int, tile: int | tuple[int, int], overlap: float | int = 0.25,
                   reflect: bool = True) -> TileGrid:
         "The grid for an image; an image that fits a tile is one tile, the image itself."
-        tile_h, tile_w = (tile, tile) if isinstance(tile, (int, np.integer)) else tuple(tile)
+        sides = (tile, tile) if isinstance(tile, (int, np.integer)) else tuple(tile) if isinstance(tile, (tuple, list)) else ()
+        if len(sides) != 2: raise ValueError(f"tile must be a whole number of pixels (e.g. 512) or (height, width), not {tile!r}")
+        tile_h, tile_w = sides
         for side in (tile_h, tile_w):
             if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 16:
                 raise ValueError(f"tile must be a whole number of pixels, at least 16 (e.g. 512), not {tile!r}")
@@ -144,12 +149,22 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
                    **inference                            # options of `inference_model` (device, fold_bn, autocast, compile)
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     "A function from uint8 tiles (B, C, h, w) to probabilities (B, n_out, h, w): what `iter_tiled` and `predict_tiled` call."
+    is_model = isinstance(predictor, (Learner, nn.Module))
+    if not is_model and (activation is not None or normalize is not None):
+        raise ValueError("activation= and normalize= describe a bare model (or override a learner's activation); a FoldEnsemble "
+                         "has its own from its fold records, and a function of uint8 batches must return probabilities itself")
+    if activation is not None and activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(OUTPUT_ACTIVATIONS)}, not {activation!r}")
+    if normalize is not None and (len(normalize) != 2 or len(normalize[0]) != len(normalize[1]) or max(map(abs, normalize[0])) > 1):
+        raise ValueError(f"normalize is (mean, std), one value per channel, in [0, 1] units (e.g. ImageNet's ([0.485, 0.456, 0.406], "
+                         f"[0.229, 0.224, 0.225])), not {normalize!r}")
     if hasattr(predictor, 'predict_batch'): return lambda tiles: predictor.predict_batch(tiles, tta)     # a FoldEnsemble
-    if isinstance(predictor, Learner):
-        activation_fn, stats, module = output_activation(predictor.loss_func), _normalize_stats(predictor.dls), predictor.model
+    if isinstance(predictor, Learner):       # its loss's activation (fastai's rule: none → raw outputs), unless `activation` says
+        activation_fn = OUTPUT_ACTIVATIONS[activation] if activation else output_activation(predictor.loss_func)
+        stats, module = _normalize_stats(predictor.dls), predictor.model
         device = inference.pop('device', None) or predictor.dls.device      # the data's device (None: where the model is)
     elif isinstance(predictor, nn.Module):
-        if activation not in OUTPUT_ACTIVATIONS:
+        if activation is None:
             raise ValueError(f"a bare model needs activation= one of {list(OUTPUT_ACTIVATIONS)} (and normalize=(mean, std) if it was "
                              "trained on normalised images); or pass its Learner, which knows both")
         activation_fn, stats, module = OUTPUT_ACTIVATIONS[activation], normalize, predictor
@@ -163,11 +178,16 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
     def predict(tiles: torch.Tensor) -> torch.Tensor:
         nonlocal prepared
         x = tiles.to(device).float() / 255
-        if mean is not None: x = (x - mean) / std
+        if mean is not None:
+            if mean.shape[1] != x.shape[1]: raise ValueError(f"normalize has {mean.shape[1]} values per statistic for {x.shape[1]}-channel images")
+            x = (x - mean) / std
         if prepared is None:        # folds found on a small probe (a MoreDynamicUnet) or on the first tile (any other model)
             example = inference.get('example', probe_input(module))
             prepared = inference_model(module, **{**inference, 'device': device, 'example': x[:1] if example is None else example})
-        return flip_tta(prepared, x, activation_fn, flip=tta)
+        probabilities = flip_tta(prepared, x, activation_fn, flip=tta)
+        if activation == 'softmax' and probabilities.shape[1] == 1:
+            raise ValueError("activation='softmax' over a model's single output channel makes every pixel 1: use 'sigmoid'")
+        return probabilities
     return predict
 
 # %% ../../nbs/36_pipeline.tiling.ipynb #bcb62eed
@@ -206,17 +226,30 @@ def predict_tiled(predictor,                          # a Learner, a FoldEnsembl
 
 def predict_labels_tiled(predictor,                   # as in `predict_tiled`
                          image: str | Path | np.ndarray | ImageSource,
-                         threshold: float = 0.5,      # one output channel: foreground where its probability > threshold
-                         path: str | Path | None = None,  # a .npy file for the label map, memory-mapped (default: in memory)
+                         threshold: float | None = None,  # one output channel: foreground where its probability > threshold (default 0.5)
+                         path: str | Path | None = None,  # a .npy file for the label map, memory-mapped, written whole or not at all (default: in memory)
                          tile: int | tuple[int, int] = 512, overlap: float | int = 0.25, blend: str = 'gaussian',
                          tile_batch: int = 8, reflect: bool = True, tta: bool = True,   # as in `predict_tiled`
                          n_channels: int | None = None, activation: str | None = None, normalize: tuple | None = None
                          ) -> np.ndarray:
     "A uint8 label map (H, W) of one image, without ever holding its float probabilities: 0/1 for one channel, else the class."
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1):
+        raise ValueError(f"threshold must be a probability in [0, 1], not {threshold!r}")
+    if path is not None and isinstance(image, (str, Path)) and Path(path).resolve() == Path(image).resolve():
+        raise ValueError(f"path '{path}' is the image being predicted: give the label map another file")
     source, rows = _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize)
-    shape = source.shape[:2]
-    labels = np.zeros(shape, np.uint8) if path is None else np.lib.format.open_memmap(path, 'w+', np.uint8, shape)
-    for first, band in rows:
-        labels[first:first + band.shape[1]] = band[0] > threshold if band.shape[0] == 1 else band.argmax(0)
-    if isinstance(labels, np.memmap): labels.flush()
-    return labels
+    def fill(labels: np.ndarray) -> np.ndarray:
+        for first, band in rows:
+            if band.shape[0] > 1 and threshold is not None:
+                raise ValueError(f"threshold applies to a model with one output channel; this one has {band.shape[0]} (a label "
+                                 "map takes the most likely class): leave threshold out")
+            if not (band.min() >= -1e-4 and band.max() <= 1 + 1e-4):
+                raise ValueError(f"the predictor gives values from {band.min():.3g} to {band.max():.3g}, not probabilities: for a learner "
+                                 "whose loss has no activation, or a bare model, pass activation='sigmoid' or 'softmax'")
+            labels[first:first + band.shape[1]] = band[0] > (0.5 if threshold is None else threshold) if band.shape[0] == 1 else band.argmax(0)
+        return labels
+    if path is None: return fill(np.zeros(source.shape[:2], np.uint8))
+    def write(temporary: Path):            # under a temporary name until complete: an interrupted run leaves no half map
+        fill(np.lib.format.open_memmap(temporary, 'w+', np.uint8, source.shape[:2])).flush()
+    atomic_write(path, write)
+    return np.load(path, mmap_mode='r')

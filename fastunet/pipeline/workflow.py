@@ -28,7 +28,7 @@ from fastprogress.fastprogress import progress_bar
 from ..encoders.registry import from_scratch
 from ..unet.config import UnetConfig
 from ..learner.data import MaskFromFolder, image_channels, image_class
-from ..learner.image_source import open_image
+from ..learner.image_source import TIFF_SUFFIXES, open_image
 from ..learner.dataset_check import check_datablock
 from ..learner.distributed import is_main_process
 from ..learner.losses import BCELovaszLoss
@@ -57,11 +57,11 @@ def _refuse_shared_names(images: list[Path], where: str, full_paths: bool = Fals
         raise ValueError(f"{len(shared)} name(s) in {where} belong to more than one image, e.g. {shared[:3]}: masks and "
                          f"submission rows are found by name, so each image needs its own. Rename or remove the duplicates.")
 
-def list_images(folder: str | Path) -> list[Path]:
-    "The images in `folder`, sorted by name; two files that would share an id (`00.png`, `00.jpg`) are refused."
+def list_images(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    "The images in `folder` (files ending in one of `suffixes`), sorted by name; two files that would share an id are refused."
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"image folder '{folder}' does not exist")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
     _refuse_shared_names(images, f"'{folder}'")
     return images
 
@@ -185,12 +185,14 @@ LABELS_IN_MEMORY = 2 ** 28    # pixels: a larger image's label map (uint8) goes 
 def _tiled_rows(ensemble: FoldEnsemble, images: list[Path], threshold: float | None, min_area: int | None,
                 tiling: dict) -> Iterator[tuple[str, str]]:
     "Submission rows of images predicted by tiles: only a uint8 label map per image is kept, never its float probabilities."
+    for item in images:          # a TIFF or .npy that cannot be read (or has the wrong channels) fails before any prediction
+        if Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',): open_image(item, ensemble.n_in).close()
     with tempfile.TemporaryDirectory(prefix='fastunet_labels_') as folder:      # the system's temporary folder (TMPDIR)
         for index, item in enumerate(progress_bar(images, leave=False)):
             source = open_image(item, ensemble.n_in)                 # opened once: its size says where the label map goes
             height, width = source.shape[:2]
             path = Path(folder) / f'{index}.npy' if height * width > LABELS_IN_MEMORY else None
-            try: labels = predict_labels_tiled(ensemble, source, threshold if threshold is not None else 0.5, path, **tiling)
+            try: labels = predict_labels_tiled(ensemble, source, threshold, path, **tiling)     # threshold None: classes
             finally: source.close()
             if ensemble.record['n_out'] == 1:
                 too_small = min_area and int(labels.sum(dtype=np.int64)) < min_area
