@@ -40,13 +40,14 @@ def test_blended_tiles_give_back_the_image_they_came_from(shape, tile, overlap, 
 
 
 @pytest.fixture(scope='module')
-def fold_run(data_factory, tmp_path_factory):
+def fold_run(tmp_path_factory):
     "One fold of resnet10t trained on 64² salt-like images, and a larger image of the same kind as TIFF, tiled TIFF, .npy and PNG."
-    data = data_factory(1, 2, size=(64, 64), n_images=64)
+    # its own data, seeded: the session's shared data sets take their seeds from the order tests ask for them
+    data = make_synthetic_dataset(tmp_path_factory.mktemp('tiling_data'), n_images=64, size=(64, 64), seed=0)
     df = make_folds([str(p) for p in sorted((data / 'images').glob('*.png'))], n_folds=2, seed=0)
     out = tmp_path_factory.mktemp('tiling_fold')
     torch.manual_seed(0)
-    train_folds(segmentation_block(1), df, 'resnet10t', out, epochs=6, bs=8, lr=1e-2, folds=[0],
+    train_folds(segmentation_block(1), df, 'resnet10t', out, epochs=6, bs=8, lr=1e-2, folds=[0], seed=0,
                 dls_kwargs=dict(num_workers=0), learner_kwargs=dict(pretrained=False))
     large = make_synthetic_dataset(tmp_path_factory.mktemp('large'), n_images=1, size=(230, 310), empty_fraction=0, seed=4)
     image = np.array(Image.open(large / 'images' / '0000.png'))
@@ -69,9 +70,10 @@ def test_tiled_prediction_with_overlap_matches_the_whole_image(fold_run):
     whole = ensemble.predict([image], progress=False)[0][1]
     tiled = predict_tiled(ensemble, image, tile=128, overlap=0.5)[1]
     assert 0.05 < (whole > 0.5).float().mean() < 0.95                      # a real mask, not all background
-    # a small model trained for seconds on 64² images: 99.6% measured (the notebook's, trained on 101², 99.99%)
-    assert ((tiled > 0.5) == (whole > 0.5)).float().mean() >= 0.99
-    assert (tiled - whole).abs().mean() < 0.05
+    # a small model trained for seconds on 64² images, whose receptive field is larger than the tiles: 99.05% measured here
+    # (nbs/36_pipeline.tiling.ipynb asserts ≥ 99.9% for a model trained on 101² images, tiles of 128 on a 600 × 900 image)
+    assert ((tiled > 0.5) == (whole > 0.5)).float().mean() >= 0.98
+    assert (tiled - whole).abs().mean() < 0.02
     naive = predict_tiled(ensemble, image, tile=96, overlap=0, blend='constant', reflect=False)[1]
     assert (tiled - whole).abs().mean() < (naive - whole).abs().mean()      # blending is what makes it match
 

@@ -74,6 +74,7 @@ class TileDataset(Dataset):
                 raise ValueError(f"{image_source.name} ({image_source.shape[0]}×{image_source.shape[1]}) is smaller than the tile "
                                  f"({self.tile[0]}×{self.tile[1]}): choose a smaller tile")
             self.shapes.append(image_source.shape[:2])
+            image_source.close(); mask_source.close()         # each process opens its own when it reads tiles
         self.codes = list(codes) if codes is not None else ['background', 'foreground']
         self.vocab, self.c = self.codes, len(self.codes)       # what fastai's `get_c` reads: the model's outputs
         self.loss_func = CrossEntropyLossFlat(axis=1)           # the default loss a Learner takes from the data, as with MaskBlock
