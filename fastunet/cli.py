@@ -84,13 +84,14 @@ def predict(models: str,                # folder of fold records and weights (fa
             images: str,                # folder of images to predict
             out: str = 'submission.csv',  # the submission file
             bs: int = 8,                # batch size
-            no_tta: bool = False,       # skip horizontal-flip TTA
+            no_tta: bool = False,       # no TTA (the same as --tta none)
             threshold: float = None,    # probability threshold (default: the one chosen on out-of-fold predictions)
             min_area: int = None,       # empty masks smaller than this (default: chosen with the threshold)
             folds: str = None,          # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
             workers: int = None,        # background processes reading images (default: ≤ 4; half the cores with a GPU, free cores on CPU; 0: none)
             no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
             compile: bool = False,      # torch.compile each fold's model, one graph per image shape (did not pay on CPU here)
+            tta: str = 'hflip',         # test-time augmentation: 'hflip', 'vflip', 'flips', 'd4' (the 8 flips and rotations) or 'none'
             tile: int = None,           # predict each image by overlapping tiles of this side, e.g. 1024 (one image at a time: --bs and --workers do not apply)
             overlap: str = '0.25',      # with --tile: overlap of neighbouring tiles, a fraction of the tile (0.25) or pixels (64)
             tile_batch: int = 8,        # with --tile: tiles per forward pass
@@ -99,7 +100,7 @@ def predict(models: str,                # folder of fold records and weights (fa
     if tile is None and (overlap != '0.25' or tile_batch != 8 or blend != 'gaussian'):
         raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
     files = list_images(images, IMAGE_SUFFIXES + (('.npy',) if tile else ()))     # arrays are read by windows with --tile
-    path = run_prediction(Path(models), files, Path(out), bs, not no_tta, threshold, min_area, _fold_list(folds), workers,
+    path = run_prediction(Path(models), files, Path(out), bs, 'none' if no_tta else tta, threshold, min_area, _fold_list(folds), workers,
                           not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend)
     print(f'wrote {path} ({len(files)} images)')
     return path

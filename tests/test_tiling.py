@@ -214,3 +214,18 @@ def test_a_terminated_tiled_prediction_leaves_no_file_behind(fold_run, tmp_path)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(out.parent.iterdir()) == []
+
+
+def test_fastunet_predict_with_d4_tta_by_tiles(fold_run, tmp_path, monkeypatch):
+    ensemble, image, folder, run = fold_run
+    images = tmp_path / 'images'
+    images.mkdir()
+    (images / 'one.tif').write_bytes((folder / 'tiled.tif').read_bytes())
+    out = tmp_path / 'submission.csv'
+    monkeypatch.setattr('sys.argv', ['fastunet', 'predict', str(run), str(images), '--out', str(out), '--folds', '0',
+                                     '--tile', '96', '--tta', 'd4'])
+    main()
+    [rle] = pd.read_csv(out, keep_default_na=False)['rle_mask']
+    expected = predict_labels_tiled(ensemble, image, tile=96, tta='d4') == 1
+    assert np.array_equal(rle_decode(rle, image.shape), expected)
+    assert not np.array_equal(expected, predict_labels_tiled(ensemble, image, tile=96) == 1)    # d4 is not the flip alone

@@ -21,7 +21,7 @@ from ..encoders.registry import resolve_arch
 from ..learner.data import image_array
 from .records import fold_paths, load_fold_records
 from .inference import inference_model
-from .tta import OUTPUT_ACTIVATIONS, flip_tta
+from .tta import OUTPUT_ACTIVATIONS, transform_tta, tta_transforms
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
 
@@ -116,13 +116,17 @@ class FoldEnsemble:
             batch.append(item); tensors.append(tensor)
         if tensors: yield batch, torch.stack(tensors)
 
-    def predict_batch(self, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
+    def predict_batch(self, x: torch.Tensor,
+                      tta: bool | str | list[str] = True,   # True: flip TTA; False: none; a preset ('vflip', 'flips', 'd4') or D4 names
+                      scales: tuple[float, ...] = (1.0,),    # TTA input scales
+                      merge: str = 'mean'                    # 'mean' or 'gmean' of the TTA probabilities
+                      ) -> torch.Tensor:
         "Averaged probabilities (B, n_out, H, W) for a batch of images (B, C, H, W): uint8 0..255, or floats in [0, 1]."
         if not (x.dtype == torch.uint8 or x.is_floating_point()):
             raise ValueError(f"images must be uint8 (0..255) or floats in [0, 1], not {x.dtype}: scale them to one of these")
         x = self._to_device(x)
         if self.mean is not None: x = (x - self.mean) / self.std
-        return sum(flip_tta(model, x, self.activation, flip=tta) for model in self.models) / len(self.models)
+        return sum(transform_tta(model, x, self.activation, tta, scales, merge) for model in self.models) / len(self.models)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         "A batch on the device as floats in [0, 1]; uint8 travels as it is (a quarter of the bytes), through pinned memory to a GPU."
@@ -133,12 +137,13 @@ class FoldEnsemble:
     def predict_iter(self,
                      items: Sequence,                         # image paths, PIL images or HxW[xC] uint8 arrays; any iterable
                      bs: int = 8,                             # images per batch
-                     tta: bool = True,                        # average each image with its de-flipped mirror
+                     tta: bool | str | list[str] = True,      # True: flip TTA; a preset ('vflip', 'flips', 'd4') or D4 names; False: none
                      size: tuple[int, int] | None = None,     # resize inputs to this, and outputs back to each image's size
                      progress: bool = True,                   # show a progress bar
                      num_workers: int | None = None           # background processes reading image files (default: `default_workers(device)`; 0: none)
                      ) -> Iterator[tuple[object, torch.Tensor]]:
         "Stream (item, probabilities (n_out, H, W)) pairs, batch by batch, while background workers read the next images."
+        tta_transforms(tta)                     # an unknown transform refused before any image is read
         num_workers = default_workers(self.device) if num_workers is None else num_workers
         images = self._images(items, num_workers)
         # the bar counts images read, not batches: images of another size start a batch early, so batches cannot be counted

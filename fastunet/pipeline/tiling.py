@@ -19,7 +19,7 @@ from ..learner.image_source import ImageSource, open_image, tile_starts
 from .files import atomic_write
 from .inference import inference_model, probe_input
 from .training import _normalize_stats
-from .tta import OUTPUT_ACTIVATIONS, flip_tta, output_activation
+from .tta import OUTPUT_ACTIVATIONS, output_activation, transform_tta, tta_transforms
 
 # %% auto #0
 __all__ = ['BLENDINGS', 'overlap_pixels', 'TileGrid', 'blending_weights', 'iter_tiled', 'tile_predictor', 'predict_tiled',
@@ -143,12 +143,13 @@ def iter_tiled(predict: Callable[[torch.Tensor], torch.Tensor],   # uint8 tiles 
 
 # %% ../../nbs/36_pipeline.tiling.ipynb #14bc5ab7
 def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a model, a FoldEnsemble, or a function of uint8 batches
-                   tta: bool = True,                      # average each tile with its de-flipped horizontal mirror
+                   tta: bool | str | list[str] = True,    # True: each tile with its de-flipped mirror; a preset ('d4', …) or D4 names; False: none
                    activation: str | None = None,         # a bare model's output activation: 'sigmoid', 'softmax' or 'identity'
                    normalize: tuple[list[float], list[float]] | None = None,   # a bare model's input (mean, std) in [0, 1] units
                    **inference                            # options of `inference_model` (device, fold_bn, autocast, compile)
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     "A function from uint8 tiles (B, C, h, w) to probabilities (B, n_out, h, w): what `iter_tiled` and `predict_tiled` call."
+    tta_transforms(tta)                     # an unknown transform refused before any tile is read
     is_model = isinstance(predictor, (Learner, nn.Module))
     if not is_model and (activation is not None or normalize is not None):
         raise ValueError("activation= and normalize= describe a bare model (or override a learner's activation); a FoldEnsemble "
@@ -184,7 +185,7 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
         if prepared is None:        # folds found on a small probe (a MoreDynamicUnet) or on the first tile (any other model)
             example = inference.get('example', probe_input(module))
             prepared = inference_model(module, **{**inference, 'device': device, 'example': x[:1] if example is None else example})
-        probabilities = flip_tta(prepared, x, activation_fn, flip=tta)
+        probabilities = transform_tta(prepared, x, activation_fn, tta)
         if activation == 'softmax' and probabilities.shape[1] == 1:
             raise ValueError("activation='softmax' over a model's single output channel makes every pixel 1: use 'sigmoid'")
         return probabilities
@@ -211,7 +212,7 @@ def predict_tiled(predictor,                          # a Learner, a FoldEnsembl
                   blend: str = 'gaussian',            # 'gaussian' or 'constant'
                   tile_batch: int = 8,                # tiles per forward pass
                   reflect: bool = True,               # mirror the border (half the overlap)
-                  tta: bool = True,                   # horizontal-flip TTA on every tile
+                  tta: bool | str | list[str] = True, # TTA on every tile: True (horizontal flip), a preset ('d4', …) or D4 names
                   n_channels: int | None = None,      # the image channels the model takes (default: the predictor's `n_in`)
                   activation: str | None = None,      # a bare model's output activation: 'sigmoid', 'softmax' or 'identity'
                   normalize: tuple | None = None      # a bare model's input (mean, std) in [0, 1] units
@@ -229,7 +230,7 @@ def predict_labels_tiled(predictor,                   # as in `predict_tiled`
                          threshold: float | None = None,  # one output channel: foreground where its probability > threshold (default 0.5)
                          path: str | Path | None = None,  # a .npy file for the label map, memory-mapped, written whole or not at all (default: in memory)
                          tile: int | tuple[int, int] = 512, overlap: float | int = 0.25, blend: str = 'gaussian',
-                         tile_batch: int = 8, reflect: bool = True, tta: bool = True,   # as in `predict_tiled`
+                         tile_batch: int = 8, reflect: bool = True, tta: bool | str | list[str] = True,   # as in `predict_tiled`
                          n_channels: int | None = None, activation: str | None = None, normalize: tuple | None = None
                          ) -> np.ndarray:
     "A uint8 label map (H, W) of one image, without ever holding its float probabilities: 0/1 for one channel, else the class."

@@ -39,6 +39,7 @@ from .records import out_of_fold, read_run
 from .splits import coverage_bins, make_folds
 from .submission import apply_threshold, rle_encode, search_threshold, write_submission
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
+from .tta import tta_transforms
 from .training import check_learning_rate, check_whole, train_folds
 
 # %% auto #0
@@ -205,7 +206,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    images: list[Path],             # the images to predict
                    out_csv: Path,                  # the submission file
                    bs: int = 8,                    # batch size
-                   tta: bool = True,               # horizontal-flip TTA
+                   tta: bool | str = True,         # True: horizontal-flip TTA; a preset ('vflip', 'flips', 'd4'); False: none
                    threshold: float | None = None, # probability threshold (default: the one in models/threshold.json, else 0.5)
                    min_area: int | None = None,    # masks smaller than this are emptied (default: as the threshold)
                    folds: list[int] | None = None, # ensemble only these folds (default: every fold of the run)
@@ -220,6 +221,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
     check_whole(num_workers, '--workers', 0, optional=True)
+    try: tta_transforms(tta)
+    except ValueError as e: raise ValueError(f"--tta: {e}") from None
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"--threshold must be a probability in [0, 1], not {threshold}")
     check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
