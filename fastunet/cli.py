@@ -44,6 +44,11 @@ def _overlap(text: str) -> float | int:
     try: return int(text) if text.strip().lstrip('-').isdigit() else float(text)
     except ValueError: raise ValueError(f"--overlap must be a fraction of the tile (e.g. 0.25) or pixels (e.g. 64), not {text!r}") from None
 
+def _scales(text: str) -> tuple[float, ...]:
+    "--tta-scales: factors separated by commas ('0.75,1,1.25')."
+    try: return tuple(float(part) for part in text.split(','))
+    except ValueError: raise ValueError(f"--tta-scales takes factors separated by commas (e.g. 0.75,1,1.25), not {text!r}") from None
+
 def _fold_list(text: str | None) -> list[int] | None:
     "Folds given as '0,2,4'."
     if text is None: return None
@@ -92,6 +97,8 @@ def predict(models: str,                # folder of fold records and weights (fa
             no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
             compile: bool = False,      # torch.compile each fold's model, one graph per image shape (did not pay on CPU here)
             tta: str = 'hflip',         # test-time augmentation: 'hflip', 'vflip', 'flips', 'd4' (the 8 flips and rotations) or 'none'
+            tta_scales: str = '1',      # TTA at these input scales, e.g. '0.75,1,1.25' (each prediction resized back)
+            tta_merge: str = 'mean',    # 'mean' or 'gmean' (geometric) of the TTA probabilities
             tile: int = None,           # predict each image by overlapping tiles of this side, e.g. 1024 (one image at a time: --bs and --workers do not apply)
             overlap: str = '0.25',      # with --tile: overlap of neighbouring tiles, a fraction of the tile (0.25) or pixels (64)
             tile_batch: int = 8,        # with --tile: tiles per forward pass
@@ -101,7 +108,7 @@ def predict(models: str,                # folder of fold records and weights (fa
         raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
     files = list_images(images, IMAGE_SUFFIXES + (('.npy',) if tile else ()))     # arrays are read by windows with --tile
     path = run_prediction(Path(models), files, Path(out), bs, 'none' if no_tta else tta, threshold, min_area, _fold_list(folds), workers,
-                          not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend)
+                          not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend, _scales(tta_scales), tta_merge)
     print(f'wrote {path} ({len(files)} images)')
     return path
 

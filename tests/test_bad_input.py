@@ -121,7 +121,10 @@ def test_bad_training_arguments_are_refused_before_anything_is_written(data_fact
     (['--tile', '64', '--tile-batch', '0'], '--tile-batch must be a whole number ≥ 1'),
     (['--tile', '64', '--blend', 'pyramid'], "--blend must be one of ('gaussian', 'constant')"),
     (['--overlap', '0.5'], '--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too'),
-    (['--tta', 'rotate'], "--tta: tta must be one of ['none', 'hflip', 'vflip', 'flips', 'd4']"),
+    (['--tta', 'rotate'], "tta must be one of ['none', 'hflip', 'vflip', 'flips', 'd4']"),
+    (['--tta-scales', '0.75,x'], '--tta-scales takes factors separated by commas'),
+    (['--tta-scales', '0,1'], 'scales are positive factors'),
+    (['--tta-merge', 'median'], "merge must be 'mean' or 'gmean'"),
 ])
 def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, argv, message):
     _, run, test_images = trained_run

@@ -62,3 +62,21 @@ def test_learner_tta_with_d4_and_its_hflip_case(gray_dls):
     assert d4.shape == flipped.shape
     torch.testing.assert_close(d4.sum(1), torch.ones_like(d4[:, 0]), rtol=0, atol=1e-5)   # gmean renormalised over classes
     with pytest.raises(ValueError, match='tta must be one of'): tta(learn, transforms='spin')
+
+
+def test_the_ensemble_predicts_at_several_scales_and_sizes_them_back():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = MoreDynamicUnet('resnet10t', n_out=2, n_in=1, pretrained=False).eval()
+    with torch.no_grad(): model.head.weight.mul_(300)
+    record = dict(n_in=1, n_out=2, activation='softmax', normalize=None)
+    ensemble = FoldEnsemble([model], record, device='cpu', tta_scales=(0.5, 1.0))
+    x = torch.randint(0, 256, (2, 1, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        images, terms = x.float() / 255, []
+        for scale in (0.5, 1.0):
+            scaled = F.interpolate(images, scale_factor=scale, mode='bilinear', align_corners=False) if scale != 1 else images
+            p = (torch.softmax(model(scaled), 1) + torch.softmax(model(scaled.flip(-1)), 1).flip(-1)) / 2
+            terms.append(F.interpolate(p, size=(64, 96), mode='bilinear', align_corners=False) if scale != 1 else p)
+    torch.testing.assert_close(ensemble.predict_batch(x), sum(terms) / 2, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='positive factors'): FoldEnsemble([model], record, device='cpu', tta_scales=(0,))

@@ -21,7 +21,7 @@ from ..encoders.registry import resolve_arch
 from ..learner.data import image_array
 from .records import fold_paths, load_fold_records
 from .inference import inference_model
-from .tta import OUTPUT_ACTIVATIONS, transform_tta, tta_transforms
+from .tta import OUTPUT_ACTIVATIONS, check_tta_scales, transform_tta, tta_transforms
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
 
@@ -66,7 +66,11 @@ class FoldEnsemble:
                  device: str | torch.device | None = None,      # where to run them (default: CUDA if there is one)
                  autocast: bool | torch.dtype = True,           # on CUDA, predict in float16 (or this dtype); False: float32
                  compile: bool | dict = False,                  # `torch.compile` each model, one graph per image shape (did not pay on CPU here)
-                 fold_bn: bool = True):                         # fold batch norm into the convolutions (same outputs within 1e-4)
+                 fold_bn: bool = True,                          # fold batch norm into the convolutions (same outputs within 1e-4)
+                 tta_scales: tuple[float, ...] = (1.0,),        # TTA input scales, each prediction resized back (e.g. (0.75, 1.0, 1.25))
+                 tta_merge: str = 'mean'):                      # 'mean' or 'gmean' of the TTA probabilities
+        check_tta_scales(tta_scales, tta_merge)
+        self.tta_scales, self.tta_merge = tuple(tta_scales), tta_merge
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         # each fold as an `inference_model`: batch norm folded, the device's memory format; `.model` is the folded network
         self.models = [inference_model(m, device=self.device, fold_bn=fold_bn, autocast=autocast, compile=compile) for m in models]
@@ -81,7 +85,7 @@ class FoldEnsemble:
                  model_dir: str | Path,                    # a run folder written by `train_folds`
                  device=None,                              # where to run the models (default: CUDA if there is one)
                  folds: Sequence[int] | None = None,       # only these folds (default: every fold of the run, all finished)
-                 **kwargs                                  # `autocast`, `compile`, `fold_bn`: how to predict (see `FoldEnsemble`)
+                 **kwargs                                  # `autocast`, `compile`, `fold_bn`, `tta_scales`, `tta_merge`: how to predict (see `FoldEnsemble`)
                  ) -> FoldEnsemble:
         "Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused."
         records, models = load_fold_records(model_dir, folds), []
@@ -118,14 +122,15 @@ class FoldEnsemble:
 
     def predict_batch(self, x: torch.Tensor,
                       tta: bool | str | list[str] = True,   # True: flip TTA; False: none; a preset ('vflip', 'flips', 'd4') or D4 names
-                      scales: tuple[float, ...] = (1.0,),    # TTA input scales
-                      merge: str = 'mean'                    # 'mean' or 'gmean' of the TTA probabilities
+                      scales: tuple[float, ...] | None = None,   # TTA input scales (default: the ensemble's `tta_scales`)
+                      merge: str | None = None                   # 'mean' or 'gmean' (default: the ensemble's `tta_merge`)
                       ) -> torch.Tensor:
         "Averaged probabilities (B, n_out, H, W) for a batch of images (B, C, H, W): uint8 0..255, or floats in [0, 1]."
         if not (x.dtype == torch.uint8 or x.is_floating_point()):
             raise ValueError(f"images must be uint8 (0..255) or floats in [0, 1], not {x.dtype}: scale them to one of these")
         x = self._to_device(x)
         if self.mean is not None: x = (x - self.mean) / self.std
+        scales, merge = scales or self.tta_scales, merge or self.tta_merge
         return sum(transform_tta(model, x, self.activation, tta, scales, merge) for model in self.models) / len(self.models)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:

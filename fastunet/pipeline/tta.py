@@ -18,7 +18,8 @@ from .inference import inference_model, probe_input
 
 # %% auto #0
 __all__ = ['OUTPUT_ACTIVATIONS', 'D4_TRANSFORMS', 'TTA_PRESETS', 'output_activation', 'activation_name', 'flip_tta',
-           'apply_transform', 'invert_transform', 'tta_transforms', 'transform_tta', 'hflip_tta', 'tta']
+           'apply_transform', 'invert_transform', 'tta_transforms', 'check_tta_scales', 'transform_tta', 'hflip_tta',
+           'tta']
 
 # %% ../../nbs/33_pipeline.tta.ipynb #91e76a9a
 OUTPUT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -78,6 +79,12 @@ def tta_transforms(transforms: bool | str | list[str] | tuple[str, ...]) -> tupl
     if unknown or not names: raise ValueError(f"TTA transforms must be among {D4_TRANSFORMS} (at least one); got {list(names)}")
     return names
 
+def check_tta_scales(scales: tuple[float, ...], merge: str = 'mean') -> None:
+    "Refuse scales that are not positive factors, or a merge other than 'mean' and 'gmean'."
+    if merge not in ('mean', 'gmean'): raise ValueError(f"merge must be 'mean' or 'gmean', not {merge!r}")
+    if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
+        raise ValueError(f"scales are positive factors such as (0.75, 1.0, 1.25), not {scales!r}")
+
 def transform_tta(model: nn.Module,                         # any model from images to per-pixel outputs (B, C, H, W)
                   x: torch.Tensor,                          # a batch of (normalised) images
                   activation: Callable[[torch.Tensor], torch.Tensor],   # from outputs to probabilities
@@ -87,9 +94,7 @@ def transform_tta(model: nn.Module,                         # any model from ima
                   ) -> torch.Tensor:
     "Probabilities for `x` averaged over every transform (exactly undone) at every scale."
     names = tta_transforms(transforms)
-    if merge not in ('mean', 'gmean'): raise ValueError(f"merge must be 'mean' or 'gmean', not {merge!r}")
-    if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
-        raise ValueError(f"scales are positive factors such as (0.75, 1.0, 1.25), not {scales!r}")
+    check_tta_scales(scales, merge)
     total, count, size = None, 0, x.shape[-2:]
     with torch.no_grad():
         for scale in scales:

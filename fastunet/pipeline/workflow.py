@@ -39,7 +39,7 @@ from .records import out_of_fold, read_run
 from .splits import coverage_bins, make_folds
 from .submission import apply_threshold, rle_encode, search_threshold, write_submission
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
-from .tta import tta_transforms
+from .tta import check_tta_scales, tta_transforms
 from .training import check_learning_rate, check_whole, train_folds
 
 # %% auto #0
@@ -216,13 +216,15 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    tile: int | None = None,        # predict by overlapping tiles of this side (images that fit one: whole); None: whole images
                    overlap: float | int = 0.25,    # with `tile`: overlap of neighbouring tiles, a fraction of the tile or pixels
                    tile_batch: int = 8,            # with `tile`: tiles per forward pass
-                   blend: str = 'gaussian'         # with `tile`: 'gaussian' or 'constant' blending of overlapping tiles
+                   blend: str = 'gaussian',        # with `tile`: 'gaussian' or 'constant' blending of overlapping tiles
+                   tta_scales: tuple[float, ...] = (1.0,),   # TTA input scales (each prediction resized back)
+                   tta_merge: str = 'mean'         # 'mean' or 'gmean' of the TTA probabilities
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
     check_whole(num_workers, '--workers', 0, optional=True)
-    try: tta_transforms(tta)
-    except ValueError as e: raise ValueError(f"--tta: {e}") from None
+    try: tta_transforms(tta); check_tta_scales(tta_scales, tta_merge)
+    except ValueError as e: raise ValueError(f"--tta, --tta-scales or --tta-merge: {e}") from None
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"--threshold must be a probability in [0, 1], not {threshold}")
     check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
@@ -235,7 +237,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
         if blend not in BLENDINGS: raise ValueError(f"--blend must be one of {BLENDINGS}, not {blend!r}")
     models = Path(models)
     # every fold of the run there, none from another: or a clear error
-    ensemble = FoldEnsemble.from_dir(models, folds=folds, autocast=autocast, compile=compile)
+    ensemble = FoldEnsemble.from_dir(models, folds=folds, autocast=autocast, compile=compile, tta_scales=tta_scales, tta_merge=tta_merge)
     run = read_run(models)
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
