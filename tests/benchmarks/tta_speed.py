@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
-
-def median_seconds(step, steps: int) -> float:
-    step(); step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import median_seconds  # noqa: E402  (the same timing as the speed benchmark)
 
 
 def run(encoder: str = 'resnet34', size: int = 128, bs: int = 8, steps: int = 5, threads: int = 2) -> dict:
