@@ -23,6 +23,8 @@ from fastcore.meta import delegates
 
 from ..encoders.registry import from_scratch
 from .checks import check_segmentation_batch
+from .ema import EMA, check_ema_decay
+from .head_losses import MultiHeadLoss
 from ..unet.config import UnetConfig
 from ..unet.memory_format import use_memory_format
 from ..unet.model import MoreDynamicUnet
@@ -76,6 +78,9 @@ def more_dynamic_unet_learner(
         grad_checkpointing: bool = False,        # recompute activations in the backward pass: far less memory, ~1 more forward
         channels_last: bool | None = None,       # weights in channels-last memory format; None: where the data's device runs it faster (CPU, CUDA)
         compile: bool | dict = False,            # compile the model in place, one graph per input shape; a dict is passed on, e.g. dict(fullgraph=True)
+        ema: float | None = None,                # validate and keep an exponential moving average of the weights with this decay, e.g. 0.999 (see `EMA`)
+        auxiliary_loss_weight: float = 0.4,      # with deep_supervision=True: weight of the auxiliary maps' loss (see `MultiHeadLoss`)
+        classifier_loss_weight: float = 0.1,     # with classifier=True: weight of the empty-mask classifier's BCE
         **kwargs) -> Learner:
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
     x, y = dls.one_batch()[:2]
@@ -85,11 +90,15 @@ def more_dynamic_unet_learner(
     loss_func = ifnone(loss_func, getattr(dls, 'loss_func', None))
     if loss_func is None and image_targets: loss_func = MSELossFlat()
     if check_data: check_segmentation_batch(x, y, n_in, n_out, loss_func)
+    if ema is not None: check_ema_decay(ema)
     pretrained = ifnone(pretrained, not from_scratch(arch))
     model = MoreDynamicUnet(arch, n_out=n_out, n_in=x.shape[1], pretrained=pretrained, weights=weights, config=config,
                             encoder_kwargs=encoder_kwargs, **kwargs)
     if grad_checkpointing: model.set_grad_checkpointing()
     use_memory_format(model, dls.device or 'cpu', channels_last)
+    if (model.auxiliary is not None or model.classifier is not None) and not isinstance(loss_func, MultiHeadLoss):
+        loss_func = MultiHeadLoss(loss_func, auxiliary_loss_weight, classifier_loss_weight)   # the heads' outputs weighed in training
+    if ema is not None: cbs = [*(cbs or []), EMA(ema)]
     if compile:
         # dynamic=False: torch 2.14's inductor fails on this model's padding when it turns a second image size into symbolic shapes
         model.compile(**{'dynamic': False, **({} if compile is True else compile)})

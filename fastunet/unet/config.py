@@ -50,6 +50,8 @@ class UnetConfig:
                  residual_head: bool = False,       # a residual block before the final 1×1 conv (always there with last_cross)
                  bottle: bool = False,              # that residual block narrows to half its width (fastai's bottle); adds it if absent
                  y_range: tuple[float, float] | None = None,  # outputs squashed into (low, high) by a scaled sigmoid
+                 deep_supervision: bool = False,    # in training, also a 1×1 head on each decoder stage but the last (see `MultiHeadLoss`)
+                 classifier: bool = False,          # an image-level "mask not empty" logit on the deepest features, trained jointly
                  norm: str | NormType | None = 'batch',  # 'batch', 'instance', 'group', 'weight', 'spectral' or None (or a fastai `NormType`)
                  act: str | type | None = 'relu',   # 'relu', 'leaky_relu', 'silu', 'gelu', 'mish', 'elu' or None (or one of their classes)
                  init: str | None = None):          # decoder weights: 'kaiming_normal', … (see `INITS`; or the function), None: PyTorch's

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..encoders.contract import Encoder
 from ..encoders.registry import create_encoder
 from .blocks import DecoderBlock, MiddleBlock
+from .heads import AuxiliaryHeads, EmptyMaskClassifier
 from .config import UnetConfig
 from .layers import REPARAMETRISED, ResBlock, SelfAttention, conv2d, crop_pads, init_convs, pad_to_multiple
 from .plan import DecoderStage, plan_decoder, show_decoder_plan
@@ -79,6 +80,9 @@ class MoreDynamicUnet(nn.Module):
         else: self.residual = nn.Identity()
         self.head = conv2d(head_in, n_out, 1, config.norm if config.norm in REPARAMETRISED else None)   # fastai normalises its head's weights too
         self.output = SigmoidRange(*config.y_range) if config.y_range else nn.Identity()
+        # training-only heads (see `fastunet.unet.heads`): absent unless asked for, so state dicts without them still load
+        self.auxiliary = AuxiliaryHeads([s.width for s in self.stages[:-1]], n_out) if config.deep_supervision else None
+        self.classifier = EmptyMaskClassifier(deepest) if config.classifier else None
         for part in (self.middle, self.blocks, self.residual, self.head): init_convs(part, config.init)
         self.checkpoint_decoder = self.checkpoint_whole_encoder = False
 
@@ -100,11 +104,22 @@ class MoreDynamicUnet(nn.Module):
         if checkpointed and self.training and torch.is_grad_enabled(): return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], list[torch.Tensor]]:
+        "The padded input, its pads and the encoder's features."
         if x.shape[1] != self.n_in:
             raise ValueError(f"this MoreDynamicUnet was built for {self.n_in}-channel images but got {x.shape[1]} channels")
         padded, pads = pad_to_multiple(x, self.encoder.size_divisor)
-        features = self._run(self.encoder, self.checkpoint_whole_encoder, padded)
+        return padded, pads, self._run(self.encoder, self.checkpoint_whole_encoder, padded)
+
+    def nonempty_logits(self, x: torch.Tensor) -> torch.Tensor:
+        "The empty-mask classifier's logit per image (B,): 'this image's mask is not empty'. Runs the encoder only."
+        if self.classifier is None: raise ValueError("this model has no empty-mask classifier: build it with classifier=True")
+        return self.classifier(self._encode(x)[2][-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor | list[torch.Tensor]]:
+        """The logits (B, n_out, H, W). In training, a model with `deep_supervision` or `classifier` returns a dict instead:
+        'out' (those logits), 'aux' (one full-size logit map per decoder stage but the last) and 'nonempty' (B,)."""
+        padded, pads, features = self._encode(x)
         height, width = padded.shape[-2:]
         out, stage_outputs = self.middle(features[-1]), []
         for stage, block in zip(self.stages, self.blocks):
@@ -118,4 +133,10 @@ class MoreDynamicUnet(nn.Module):
         if self.config.last_cross:          # the input in the features' memory format: one layout for the layers after
             layout = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             out = torch.cat([out, padded.contiguous(memory_format=layout)], dim=1)
-        return self.output(crop_pads(self.head(self.residual(out)), pads))
+        logits = self.output(crop_pads(self.head(self.residual(out)), pads))
+        if not self.training or (self.auxiliary is None and self.classifier is None): return logits   # eval: the plain graph
+        outputs = {'out': logits}
+        if self.auxiliary is not None:
+            outputs['aux'] = [self.output(crop_pads(o, pads)) for o in self.auxiliary(stage_outputs[:-1], (height, width))]
+        if self.classifier is not None: outputs['nonempty'] = self.classifier(features[-1])
+        return outputs
