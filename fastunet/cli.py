@@ -73,12 +73,16 @@ def train(data: str,                    # folder with images/ and the mask folde
           seed: int = 42,               # folds and training seed
           config: str = 'default',      # the decoder's preset: 'default', 'blog' or 'paper' (the original U-Net's)
           encoder_kwargs: str = None,   # the encoder's options as JSON, e.g. '{"features": 32, "depth": 4}' for --arch unet
-          restart: bool = False):       # delete the run already in --out (its folds) and start over
+          restart: bool = False,        # delete the run already in --out (its folds) and start over
+          deep_supervision: bool = False,  # also train a 1×1 head on each decoder stage (deep supervision; prediction unchanged)
+          classifier: bool = False,     # also train an empty-mask classifier; its threshold is chosen on out-of-fold predictions
+          ema: float = None):           # validate and save an exponential moving average of the weights with this decay, e.g. 0.999
     """Train (or resume) k folds on a folder of images and masks. Under `torchrun` / `accelerate launch`
     each fold trains data-parallel (DDP); with --fold K, folds spread over processes, GPUs or array jobs."""
     out = Path(out)
     report = run_training(Path(data), out, arch, folds, epochs, lr, bs, seed, mask_folder, binary_masks, crop, fold, pretrained,
-                          config, _json_options('--encoder-kwargs', encoder_kwargs), classes, resize, restart)
+                          config, _json_options('--encoder-kwargs', encoder_kwargs), classes, resize, restart, deep_supervision,
+                          classifier, ema)
     if is_main_process():
         atomic_write(out / 'report.json', lambda p: p.write_text(json.dumps(report, indent=1)))
         print(pd.DataFrame(report['cv']).to_string(index=False))
@@ -102,13 +106,15 @@ def predict(models: str,                # folder of fold records and weights (fa
             tile: int = None,           # predict each image by overlapping tiles of this side, e.g. 1024 (one image at a time: --bs and --workers do not apply)
             overlap: str = '0.25',      # with --tile: overlap of neighbouring tiles, a fraction of the tile (0.25) or pixels (64)
             tile_batch: int = 8,        # with --tile: tiles per forward pass
-            blend: str = 'gaussian'):   # with --tile: 'gaussian' or 'constant' blending where tiles overlap
+            blend: str = 'gaussian',    # with --tile: 'gaussian' or 'constant' blending where tiles overlap
+            classifier_threshold: float = None):  # folds trained with --classifier: images it rates below this are empty (default: chosen in training; 0: not used)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     if tile is None and (overlap != '0.25' or tile_batch != 8 or blend != 'gaussian'):
         raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
     files = list_images(images, IMAGE_SUFFIXES + (('.npy',) if tile else ()))     # arrays are read by windows with --tile
     path = run_prediction(Path(models), files, Path(out), bs, 'none' if no_tta else tta, threshold, min_area, _fold_list(folds), workers,
-                          not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend, _scales(tta_scales), tta_merge)
+                          not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend, _scales(tta_scales), tta_merge,
+                          classifier_threshold)
     print(f'wrote {path} ({len(files)} images)')
     return path
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from fastunet.learner.head_losses import MultiHeadLoss
 from fastunet.unet.model import MoreDynamicUnet
 
 OPTION_SETS = {
@@ -17,7 +18,9 @@ OPTION_SETS = {
     'middle_attention': dict(middle_scale=1, middle_attention=True), 'transposed': dict(upsample='transposed'),
     'pixel_shuffle_blur': dict(upsample='pixel_shuffle', blur=True), 'bilinear_no_light_stage': dict(upsample='bilinear', conv_before_upsample=False),
     'group_norm_gelu': dict(norm='group', act='gelu'), 'grad_checkpointing': {},
+    'deep_supervision_classifier': dict(deep_supervision=True, classifier=True),   # a dict of outputs, every head used
 }
+LOSS = MultiHeadLoss(torch.nn.functional.cross_entropy)     # the plain loss for the other option sets
 
 
 def flat_grads(model) -> torch.Tensor:
@@ -41,12 +44,12 @@ def main(out_path: str) -> None:
         for _ in range(2):                            # the second step fails if a parameter went unused
             x, y = torch.randn(2, 3, 64, 64, generator=generator), torch.randint(0, 2, (2, 64, 64), generator=generator)
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            LOSS(ddp(x), y).backward()
             grads = flat_grads(model)
             optimizer.step()
         with ddp.no_sync():                           # control: without DDP's averaging the ranks' gradients differ
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            LOSS(ddp(x), y).backward()
         local = flat_grads(model)
         gathered_local = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered_local, local)

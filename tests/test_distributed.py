@@ -33,7 +33,7 @@ def test_ddp_gives_every_option_the_same_gradients_on_both_ranks(tmp_path):
     out = tmp_path / 'ddp.jsonl'
     run([console_script('torchrun'), '--nproc_per_node', '2', str(HERE / 'ddp_worker.py'), str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 12
+    assert len(rows) == 13
     for row in rows:
         assert row['grad_norm'] > 0, row
         assert row['max_local_grad_difference'] > 1e-4, row      # the ranks saw different data...
@@ -59,8 +59,9 @@ def _validate(out: Path, fold: int) -> tuple[float, np.ndarray]:
     block = segmentation_block(1)
     block.splitter = IndexSplitter(record['valid_index'])
     dls = block.dataloaders(df, bs=4, num_workers=0)
+    heads = {k: record['config'][k] for k in ('deep_supervision', 'classifier')}
     learn = more_dynamic_unet_learner(dls, record['arch'], n_out=1, pretrained=False, loss_func=BCELovaszLoss(),
-                                      metrics=[TGSMetric()])
+                                      metrics=[TGSMetric()], **heads)
     learn.model.load_state_dict(torch.load(out / 'models' / f'fold_{fold}.pth', weights_only=True))
     probs = torch.sigmoid(learn.get_preds(dl=dls.valid, act=lambda x: x)[0])
     return learn.validate()[1], probs.numpy()
@@ -69,13 +70,15 @@ def _validate(out: Path, fold: int) -> tuple[float, np.ndarray]:
 def test_fastunet_train_under_torchrun_trains_data_parallel_and_rank0_writes(small_salt, tmp_path):
     out = tmp_path / 'run'
     result = run([console_script('torchrun'), '--nproc_per_node', '2', fastunet_command(), 'train', str(small_salt),
-                  '--out', str(out), '--arch', 'resnet10t', '--folds', '3', '--fold', '0', '--epochs', '2', '--bs', '4'])
+                  '--out', str(out), '--arch', 'resnet10t', '--folds', '3', '--fold', '0', '--epochs', '2', '--bs', '4',
+                  '--deep-supervision', '--classifier', '--ema', '0.9'])
     assert result.stdout.count('train_loss') == 1 and result.stdout.count('best_epoch') == 1   # rank 0 alone logs and prints
     models = out / 'models'
     assert sorted(p.name for p in models.iterdir()) == ['fold_0.json', 'fold_0.pth', 'fold_0_oof.npy', 'run.json']   # no temp files
     record = json.loads((models / 'fold_0.json').read_text())
     # the monitored metric and the out-of-fold predictions were gathered from both ranks, in order: they are
-    # those of the whole held-out set, as one process computes them with the saved weights
+    # those of the whole held-out set, as one process computes them with the saved weights (EMA's, which validated)
+    assert record['ema'] == 0.9 and len(record['oof_nonempty']) == len(record['valid_index'])
     score, probs = _validate(out, 0)
     assert record['score'] == pytest.approx(score, abs=1e-6)
     oof = np.load(models / 'fold_0_oof.npy').astype(np.float32)

@@ -61,3 +61,26 @@ def test_to_fp16_and_to_bf16_add_fastai_callbacks(salt_dls):
     assert isinstance(learn.to_fp16().mixed_precision, MixedPrecision)
     learn.to_fp32()
     assert isinstance(learn.to_bf16().mixed_precision, MixedPrecision)
+
+
+def test_heads_and_ema_train_in_mixed_precision(salt_dls):
+    "The heads' dict of outputs goes through fastai's float32 cast; EMA moves on the steps taken, not the skipped ones."
+    from fastunet.learner.ema import EMA
+    from fastunet.learner.head_losses import MultiHeadLoss
+    set_seed(0, reproducible=True)
+    learn = more_dynamic_unet_learner(salt_dls, 'resnet10t', pretrained=False, n_out=1, loss_func=LOSSES['bce_lovasz'][0](),
+                                      deep_supervision=True, classifier=True, ema=0.9)
+    assert isinstance(learn.loss_func, MultiHeadLoss)
+    ema = learn.cbs.filter(lambda cb: isinstance(cb, EMA))[0]
+    outputs = []
+    class RecordOutputs(Callback):
+        order = MixedPrecision.order + 1          # after fastai has cast the outputs back to float32
+        def after_pred(self):
+            if self.training: outputs.append({k: (v[0] if isinstance(v, list) else v).dtype for k, v in self.pred.items()})
+    record = RecordPrecision()
+    record.after_pred = lambda: None              # the model returns a dict here; its dtypes are checked after the cast
+    learn.fit(2, 1e-3, cbs=[record, CPUMixedPrecision('fp16'), RecordOutputs()])
+    assert outputs and all(o == {'out': torch.float32, 'aux': torch.float32, 'nonempty': torch.float32} for o in outputs)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in record.losses)
+    assert ema.steps == len(record.losses) - record.skipped > 0
+    assert all(torch.isfinite(p).all() for p in learn.model.state_dict().values() if p.is_floating_point())

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..encoders.registry import resolve_arch
 from ..learner.data import image_array
 from .records import fold_paths, load_fold_records
-from .inference import inference_model
+from .inference import _unwrap, inference_model
 from .tta import OUTPUT_ACTIVATIONS, check_tta_scales, transform_tta, tta_transforms
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
@@ -68,8 +68,13 @@ class FoldEnsemble:
                  compile: bool | dict = False,                  # `torch.compile` each model, one graph per image shape (did not pay on CPU here)
                  fold_bn: bool = True,                          # fold batch norm into the convolutions (same outputs within 1e-4)
                  tta_scales: tuple[float, ...] = (1.0,),        # TTA input scales, each prediction resized back (e.g. (0.75, 1.0, 1.25))
-                 tta_merge: str = 'mean'):                      # 'mean' or 'gmean' of the TTA probabilities
+                 tta_merge: str = 'mean',                       # 'mean' or 'gmean' of the TTA probabilities
+                 classifier_threshold: float | None = 0.5):     # models with an empty-mask classifier: images it rates below this get probability 0 (None or 0: not used)
         check_tta_scales(tta_scales, tta_merge)
+        if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
+            raise ValueError(f"classifier_threshold must be a probability in [0, 1] (or None), not {classifier_threshold!r}")
+        self.has_classifier = all(getattr(_unwrap(m), 'classifier', None) is not None for m in models)
+        self.classifier_threshold = classifier_threshold if self.has_classifier else None
         self.tta_scales, self.tta_merge = tuple(tta_scales), tta_merge
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         # each fold as an `inference_model`: batch norm folded, the device's memory format; `.model` is the folded network
@@ -85,7 +90,7 @@ class FoldEnsemble:
                  model_dir: str | Path,                    # a run folder written by `train_folds`
                  device=None,                              # where to run the models (default: CUDA if there is one)
                  folds: Sequence[int] | None = None,       # only these folds (default: every fold of the run, all finished)
-                 **kwargs                                  # `autocast`, `compile`, `fold_bn`, `tta_scales`, `tta_merge`: how to predict (see `FoldEnsemble`)
+                 **kwargs                                  # `autocast`, `compile`, `fold_bn`, `tta_scales`, `tta_merge`, `classifier_threshold`: how to predict (see `FoldEnsemble`)
                  ) -> FoldEnsemble:
         "Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused."
         records, models = load_fold_records(model_dir, folds), []
@@ -131,7 +136,19 @@ class FoldEnsemble:
         x = self._to_device(x)
         if self.mean is not None: x = (x - self.mean) / self.std
         scales, merge = scales or self.tta_scales, merge or self.tta_merge
-        return sum(transform_tta(model, x, self.activation, tta, scales, merge) for model in self.models) / len(self.models)
+        probs = sum(transform_tta(model, x, self.activation, tta, scales, merge) for model in self.models) / len(self.models)
+        if self.classifier_threshold:               # images the classifier calls empty: probability 0 everywhere
+            probs = probs * (self._nonempty(x) >= self.classifier_threshold).to(probs.dtype)[:, None, None, None]
+        return probs
+
+    def _nonempty(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(torch.sigmoid(model.nonempty_logits(x)) for model in self.models) / len(self.models)
+
+    def nonempty_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        "The empty-mask classifier's probability (B,) that each image of a batch (as `predict_batch` takes it) has foreground, averaged over folds."
+        if not self.has_classifier: raise ValueError("these folds have no empty-mask classifier (train with classifier=True)")
+        x = self._to_device(x)
+        return self._nonempty((x - self.mean) / self.std if self.mean is not None else x)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         "A batch on the device as floats in [0, 1]; uint8 travels as it is (a quarter of the bytes), through pinned memory to a GPU."

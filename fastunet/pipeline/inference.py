@@ -138,10 +138,16 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.model, self.autocast_dtype, self.n_folded = model, autocast_dtype, n_folded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self._predict(self.model, x)
+
+    def nonempty_logits(self, x: torch.Tensor) -> torch.Tensor:
+        "The empty-mask classifier's logits (B,) of a `MoreDynamicUnet` built with classifier=True, prepared alike."
+        return self._predict(_unwrap(self.model).nonempty_logits, x)
+
+    def _predict(self, function, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)      # fastai's tensor subclasses slow every op
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.model(x).float()
+            out = function(x).float()
         return out.clone()          # an ordinary tensor: an inference tensor refuses in-place edits (out[out < 0] = 0) outside inference mode
 
 def _unwrap(model: nn.Module) -> nn.Module:

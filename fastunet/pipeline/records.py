@@ -24,7 +24,8 @@ from ..unet.config import UnetConfig
 
 # %% auto #0
 __all__ = ['RUN_FILE', 'NOT_STARTED', 'MUST_AGREE', 'read_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem',
-           'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold']
+           'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold_nonempty',
+           'out_of_fold']
 
 # %% ../../nbs/34_pipeline.records.ipynb #ce7d31f1
 RUN_FILE = 'run.json'
@@ -141,6 +142,8 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     except Exception as e: return f"its out-of-fold predictions '{paths['oof']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if n_predictions != len(valid_index):
         return f"its out-of-fold predictions hold {n_predictions} items, its validation set {len(valid_index)}"
+    if (record.get('config') or {}).get('classifier') and len(record.get('oof_nonempty') or []) != len(valid_index):
+        return "its record lacks the empty-mask classifier's out-of-fold probabilities (one per validation item)"
     return None
 
 # %% ../../nbs/34_pipeline.records.ipynb #de5c3c3e
@@ -226,6 +229,18 @@ def read_oof(out_dir: str | Path, fold: int) -> np.ndarray:
     except Exception as e:   # noqa: BLE001: truncated, missing or not an array: the same advice
         raise ValueError(f"out-of-fold predictions '{path}' cannot be read ({type(e).__name__}: {e}): retrain fold {fold} "
                          f"(rerun the training command; it sees the damaged fold and trains it again)") from e
+
+def out_of_fold_nonempty(out_dir: str | Path, n_items: int) -> np.ndarray | None:
+    "The empty-mask classifier's out-of-fold probabilities of every item, in the DataFrame's order; None for models without one."
+    records = load_fold_records(out_dir)
+    if not records[0]['config'].get('classifier'): return None
+    nonempty = np.full(n_items, np.nan, dtype=np.float32)
+    for record in records:
+        if len(record.get('oof_nonempty') or []) != len(record['valid_index']):
+            raise ValueError(f"fold {record['fold']}'s record in '{out_dir}' lacks the classifier's out-of-fold probabilities: "
+                             f"retrain that fold (rerun the training command; it sees the damaged fold and trains it again)")
+        nonempty[record['valid_index']] = record['oof_nonempty']
+    return nonempty
 
 def out_of_fold(out_dir: str | Path, n_items: int) -> np.ndarray:
     "Out-of-fold probabilities of every item, in the DataFrame's order (float16)."

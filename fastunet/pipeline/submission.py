@@ -17,7 +17,8 @@ import torch
 from .files import atomic_write
 
 # %% auto #0
-__all__ = ['DEFAULT_THRESHOLDS', 'rle_encode', 'rle_decode', 'apply_threshold', 'search_threshold', 'write_submission']
+__all__ = ['DEFAULT_THRESHOLDS', 'DEFAULT_CLASSIFIER_THRESHOLDS', 'rle_encode', 'rle_decode', 'apply_threshold',
+           'search_threshold', 'write_submission']
 
 # %% ../../nbs/38_pipeline.submission.ipynb #4137e09c
 def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, width): boolean or 0/1, or probabilities with `threshold`
@@ -70,28 +71,48 @@ def rle_decode(rle: str | None, shape: tuple[int, int]) -> np.ndarray:
     return flat.reshape(width, height).T
 
 # %% ../../nbs/38_pipeline.submission.ipynb #e07a94f3
-def apply_threshold(probs: torch.Tensor, threshold: float, min_area: int = 0) -> torch.Tensor:
-    "Boolean masks (N, H, W) from foreground probabilities (N, H, W); masks smaller than `min_area` pixels are emptied."
+def apply_threshold(probs: torch.Tensor,                     # foreground probabilities (N, H, W)
+                    threshold: float,                        # foreground where probs > threshold
+                    min_area: int = 0,                       # masks of fewer pixels are emptied
+                    nonempty: torch.Tensor | None = None,    # the empty-mask classifier's probabilities (N,), 'the mask is not empty'
+                    classifier_threshold: float = 0.         # with `nonempty`: masks of images below it are emptied (0: none)
+                    ) -> torch.Tensor:
+    "Boolean masks (N, H, W): thresholded, emptied where smaller than `min_area` or where the classifier calls the image empty."
     masks = probs > threshold
     if min_area: masks &= (masks.flatten(1).sum(1) >= min_area)[:, None, None]
+    if nonempty is not None and classifier_threshold:
+        masks &= (torch.as_tensor(nonempty, device=masks.device) >= classifier_threshold)[:, None, None]
     return masks
 
 DEFAULT_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))    # 0.2, 0.25, …, 0.8
+DEFAULT_CLASSIFIER_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))  # 0 (no gating), 0.1, …, 0.9
 
 def search_threshold(probs: torch.Tensor,                   # foreground probabilities (N, H, W), e.g. out-of-fold
                      truths: torch.Tensor,                  # true masks (N, H, W); non-zero is foreground
                      score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],   # per-image score of boolean masks, e.g. `tgs_scores`
                      thresholds: Iterable[float] = DEFAULT_THRESHOLDS,   # probability thresholds to try
-                     min_areas: Iterable[int] = (0,)        # minimum mask areas to try (smaller masks are emptied)
-                     ) -> tuple[float, int, float]:
-    "The (threshold, min_area, score) that maximises the mean of `score(pred_masks, true_masks)` over images."
+                     min_areas: Iterable[int] = (0,),       # minimum mask areas to try (smaller masks are emptied)
+                     nonempty: torch.Tensor | None = None,  # the empty-mask classifier's out-of-fold probabilities (N,), to choose its threshold too
+                     classifier_thresholds: Iterable[float] = DEFAULT_CLASSIFIER_THRESHOLDS   # with `nonempty`: image-level thresholds to try
+                     ) -> tuple[float, int, float] | tuple[float, int, float, float]:
+    """The (threshold, min_area, score) that maximises the mean of `score(pred_masks, true_masks)` over images; with
+    `nonempty`, (threshold, min_area, classifier_threshold, score), all three chosen together."""
     truths = truths > 0
-    best = (0.5, 0, -float('inf'))
+    if nonempty is None: gates = [(0., None)]
+    else:
+        nonempty = torch.as_tensor(nonempty, dtype=torch.float32).flatten()
+        if len(nonempty) != len(probs):
+            raise ValueError(f"nonempty holds {len(nonempty)} image probabilities for {len(probs)} images: one per image")
+        gates = [(round(float(c), 4), nonempty >= c) for c in classifier_thresholds]
+        empty_scores = score(torch.zeros_like(truths), truths).float()     # what an image the classifier empties scores
+    best = (0.5, 0, 0., -float('inf'))
     for threshold in thresholds:
         for min_area in min_areas:
-            value = score(apply_threshold(probs, float(threshold), int(min_area)), truths).float().mean().item()
-            if value > best[2]: best = (round(float(threshold), 4), int(min_area), value)
-    return best
+            scores = score(apply_threshold(probs, float(threshold), int(min_area)), truths).float()
+            for classifier_threshold, kept in gates:     # gating only chooses, per image, this score or the empty mask's
+                value = (scores if kept is None else torch.where(kept, scores, empty_scores)).mean().item()
+                if value > best[3]: best = (round(float(threshold), 4), int(min_area), classifier_threshold, value)
+    return best if nonempty is not None else (best[0], best[1], best[3])
 
 # %% ../../nbs/38_pipeline.submission.ipynb #49ea2bfb
 def write_submission(rows: Iterable[tuple[str, str]], path: str | Path = 'submission.csv',

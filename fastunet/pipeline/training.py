@@ -31,6 +31,7 @@ from ..encoders.registry import arch_name
 from ..unet.config import UnetConfig
 from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
+from ..learner.ema import check_ema_decay
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
 from .records import (NOT_STARTED, RUN_FILE, clear_run, cv_table, finite_state, fold_paths, fold_problem,
@@ -143,6 +144,13 @@ def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
         raise ValueError(f"while fold {fold} trained, another process replaced or deleted the run record in '{out_dir}': "
                          f"fold {fold} is not saved, since it belongs to a run that is no longer there")
 
+def _nonempty_probabilities(model, dl) -> list[float]:
+    "The empty-mask classifier's probability for each item of `dl`, in order (the classifier's out-of-fold predictions)."
+    model, probabilities = unwrap_model(model).eval(), []
+    with torch.no_grad():
+        for batch in dl: probabilities.append(torch.sigmoid(model.nonempty_logits(batch[0].as_subclass(torch.Tensor)).float()).cpu())
+    return [round(p, 6) for p in torch.cat(probabilities).tolist()]
+
 def _history(recorder) -> list[dict]:
     "Each epoch's losses and metrics, as the recorder holds them."
     names = [n for n in recorder.metric_names[1:] if n != 'time']
@@ -163,6 +171,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 dls_kwargs: dict | None = None,         # more arguments for `dblock.dataloaders` (num_workers, …)
                 learner_kwargs: dict | None = None,     # more arguments for `more_dynamic_unet_learner` (loss, metrics, options)
                 cbs: list | None = None,                # callbacks for every fit
+                ema: float | None = None,               # validate and save an exponential moving average of the weights, e.g. 0.999 (see `EMA`)
                 check_data: bool = True,                # read every item before the first epoch (`check_datablock`)
                 restart: bool = False,                  # delete the run already in `out_dir` (its folds) and start over
                 run_args: dict | None = None,           # more arguments that define the run, recorded and compared (e.g. the data folder)
@@ -170,6 +179,10 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 ) -> pd.DataFrame:
     "Train (or resume) one model per fold of `df.fold`; returns the CV table (one row per fold, from the records)."
     to_train = _check_arguments(df, folds, epochs, lr, bs, seed)
+    if ema is not None:                                 # a learner option, recorded with the others in the run's definition
+        check_ema_decay(ema)
+        if 'ema' in (learner_kwargs or {}): raise ValueError("give ema= or learner_kwargs['ema'], not both")
+        learner_kwargs = {**(learner_kwargs or {}), 'ema': ema}
     all_folds = sorted(int(f) for f in df.fold.unique())
     n_out = (learner_kwargs or {}).get('n_out')                 # the classes the model will predict, where the MaskBlock has no codes
     if check_data: check_datablock(dblock, df, n_classes=None if n_out is None else max(int(n_out), 2), fixes=fixes)
@@ -207,9 +220,11 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 broadcast_state(learn.model)            # every rank holds rank 0's best epoch
                 _check_trained(fold, learn.model, keep_best, history, monitor, lr)     # on every rank: all stop together
                 probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
+            classifier = unwrap_model(learn.model).classifier is not None
         if not is_main_process():                   # rank 0 writes the fold; the others wait for it
             barrier()
             continue
+        nonempty = _nonempty_probabilities(learn.model, dls.valid) if classifier else None   # for the classifier's threshold
         _check_still_the_run(out_dir, run, fold)
         atomic_write(fold_paths(out_dir, fold)['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))
         # contiguous: the same file whatever memory format the model trained in (safetensors takes it, too)
@@ -221,7 +236,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=_normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
             best_epoch=keep_best.best_epoch, epochs=_described(epochs), lr=_described(lr), fine_tune=fine_tune, seed=_described(seed),
-            valid_index=valid_idx.tolist(),
+            valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'),
             history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()
     return cv_table(out_dir)

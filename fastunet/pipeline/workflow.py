@@ -31,11 +31,12 @@ from ..learner.data import MaskFromFolder, image_channels, image_class
 from ..learner.image_source import TIFF_SUFFIXES, open_image
 from ..learner.dataset_check import check_datablock
 from ..learner.distributed import is_main_process
+from ..learner.ema import check_ema_decay
 from ..learner.losses import BCELovaszLoss
 from ..learner.metrics import BinaryIoU, TGSMetric, tgs_scores
 from .ensemble import FoldEnsemble
 from .files import atomic_write, remove_stale_temporaries
-from .records import out_of_fold, read_run
+from .records import out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
 from .submission import apply_threshold, rle_encode, search_threshold, write_submission
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
@@ -124,11 +125,17 @@ def run_training(data: Path,                    # folder with images/ and the ma
                  encoder_kwargs: dict | None = None,  # options of the encoder, e.g. dict(features=32) for arch 'unet'
                  classes: int = 2,              # classes in the masks (codes 0..classes-1); 2 trains a binary model
                  resize: int | None = None,     # resize every image and mask to this square size
-                 restart: bool = False          # delete the run already in `out` and start over
+                 restart: bool = False,         # delete the run already in `out` and start over
+                 deep_supervision: bool = False,  # train with a 1×1 head on each decoder stage (see `MultiHeadLoss`)
+                 classifier: bool = False,      # train an empty-mask classifier; its threshold is chosen with the pixel threshold
+                 ema: float | None = None       # validate and save an exponential moving average of the weights, e.g. 0.999
                  ) -> dict:
     "Checks, folds (stratified by mask coverage), k-fold training, threshold search on the out-of-fold predictions; a report."
     _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart)
     UnetConfig.preset(config)                            # a misspelt preset or a pretrained 'unet': refused before any work
+    if ema is not None:
+        try: check_ema_decay(ema)
+        except ValueError as e: raise ValueError(f"--{e}") from None
     if pretrained and from_scratch(arch): raise ValueError(f"--arch {arch} trains from scratch: leave out --pretrained")
     data, out = Path(data).resolve(), Path(out)          # resolved: a resume from another working directory is the same run
     images = list_images(data / 'images')
@@ -145,13 +152,15 @@ def run_training(data: Path,                    # folder with images/ and the ma
     binary = classes == 2
     learner_kwargs = dict(n_out=1 if binary else classes, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs or {},
                           loss_func=BCELovaszLoss() if binary else CrossEntropyLossFlat(axis=1),
-                          metrics=[TGSMetric(), BinaryIoU()] if binary else [DiceMulti()])
+                          metrics=[TGSMetric(), BinaryIoU()] if binary else [DiceMulti()],
+                          # only when asked for: the definition of a run made before these options stays the same (it resumes)
+                          **({'deep_supervision': True} if deep_supervision else {}), **({'classifier': True} if classifier else {}))
     run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=classes, crop=crop, resize=resize,
                     resize_method=None if resize is None else ResizeMethod.Squish)
     cv = train_folds(dblock, df, arch, out / 'models', epochs=epochs, lr=lr, bs=bs, seed=seed,
                      monitor='tgs_metric' if binary else 'dice_multi', folds=None if fold is None else [fold],
                      dls_kwargs=dict(num_workers=0), learner_kwargs=learner_kwargs, check_data=False, restart=restart,
-                     run_args=run_args, fixes=CLI_FIXES)
+                     run_args=run_args, fixes=CLI_FIXES, ema=ema)
     if is_main_process():                                # the folds, by path inside the data folder
         relative = df.assign(item=[str(Path(p).relative_to(data)) for p in df['item']])
         atomic_write(out / 'folds.csv', lambda p: relative.to_csv(p, index=False))
@@ -161,9 +170,16 @@ def run_training(data: Path,                    # folder with images/ and the ma
         oof = torch.from_numpy(out_of_fold(out / 'models', len(df)).astype(np.float32))[:, 0]
         mask_of = MaskFromFolder(mask_folder, binary=binary_masks)
         truths = torch.stack([torch.from_numpy(mask_of.array(p)) for p in df['item']])
-        threshold, min_area, score = search_threshold(oof, truths, tgs_scores, min_areas=(0, 10, 25, 50))
-        report.update(oof_tgs=score, threshold=threshold, min_area=min_area)
-        chosen = dict(threshold=threshold, min_area=min_area, run_id=read_run(out / 'models')['run_id'])
+        nonempty = out_of_fold_nonempty(out / 'models', len(df))      # the classifier's, chosen together with the pixels'
+        if nonempty is None:
+            threshold, min_area, score = search_threshold(oof, truths, tgs_scores, min_areas=(0, 10, 25, 50))
+            chosen = dict(threshold=threshold, min_area=min_area)
+        else:
+            threshold, min_area, classifier_threshold, score = search_threshold(
+                oof, truths, tgs_scores, min_areas=(0, 10, 25, 50), nonempty=torch.from_numpy(nonempty))
+            chosen = dict(threshold=threshold, min_area=min_area, classifier_threshold=classifier_threshold)
+        report.update(oof_tgs=score, **chosen)
+        chosen['run_id'] = read_run(out / 'models')['run_id']
         atomic_write(out / 'models' / 'threshold.json', lambda p: p.write_text(json.dumps(chosen)))
     return report
 
@@ -218,7 +234,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    tile_batch: int = 8,            # with `tile`: tiles per forward pass
                    blend: str = 'gaussian',        # with `tile`: 'gaussian' or 'constant' blending of overlapping tiles
                    tta_scales: tuple[float, ...] = (1.0,),   # TTA input scales (each prediction resized back)
-                   tta_merge: str = 'mean'         # 'mean' or 'gmean' of the TTA probabilities
+                   tta_merge: str = 'mean',        # 'mean' or 'gmean' of the TTA probabilities
+                   classifier_threshold: float | None = None   # folds with an empty-mask classifier: images it rates below this are empty (default: the chosen one, else 0.5; 0: not used)
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
@@ -226,6 +243,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
     try: tta_transforms(tta); check_tta_scales(tta_scales, tta_merge)
     except ValueError as e: raise ValueError(f"--tta, --tta-scales or --tta-merge: {e}") from None
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"--threshold must be a probability in [0, 1], not {threshold}")
+    if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
+        raise ValueError(f"--classifier-threshold must be a probability in [0, 1], not {classifier_threshold}")
     check_whole(min_area, '--min-area', 0, optional=True)
     if not images: raise FileNotFoundError('no images to predict')
     if Path(out_csv).is_dir(): raise ValueError(f"--out '{out_csv}' is a folder: give the submission file's path, e.g. '{Path(out_csv) / 'submission.csv'}'")
@@ -242,11 +261,14 @@ def run_prediction(models: Path,                   # folder of fold records and 
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
     n_out = ensemble.record['n_out']
+    saved = _chosen_threshold(models, run) if n_out == 1 else {}
     if n_out == 1:
-        saved = _chosen_threshold(models, run)
         threshold = saved['threshold'] if threshold is None else threshold
         min_area = saved['min_area'] if min_area is None else min_area
     elif threshold is not None or min_area: raise ValueError('--threshold and --min-area apply to binary models; this one has classes')
+    if ensemble.has_classifier: ensemble.classifier_threshold = saved.get('classifier_threshold', 0.5) if classifier_threshold is None else classifier_threshold
+    elif classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
+                                                f"those in '{models}' have none")
     if tile is not None:
         if size is not None: raise ValueError(f"--tile predicts images at their own resolution, but this run trained on images resized "
                                               f"to {resize}×{resize}: predict without --tile (each image is resized as in training)")
