@@ -16,6 +16,7 @@ from .unet.layers import *
 from .unet.config import *
 from .unet.plan import *
 from .unet.blocks import *
+from .unet.heads import *
 from .unet.memory_format import *
 from .unet.model import *
 from .learner.losses import *
@@ -23,6 +24,8 @@ from .learner.metrics import *
 from .learner.synthetic import *
 from .learner.data import *
 from .learner.checks import *
+from .learner.head_losses import *
+from .learner.ema import *
 from .learner.unet_learner import *
 from .learner.distributed import *
 from .learner.image_source import *
@@ -37,12 +40,12 @@ from .pipeline.tiling import *
 from .pipeline.ensemble import *
 from .pipeline.submission import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
-from .unet import layers, config, plan, blocks, memory_format, model
-from .learner import losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source, tiles
+from .unet import layers, config, plan, blocks, heads, memory_format, model
+from .learner import losses, metrics, synthetic, data, checks, head_losses, ema, unet_learner, distributed, image_source, tiles
 from .pipeline import files, splits, inference, tta, records, training, tiling, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
-__all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, memory_format, model,
-                              losses, metrics, synthetic, data, checks, unet_learner, distributed, image_source, tiles,
+__all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, heads, memory_format,
+                              model, losses, metrics, synthetic, data, checks, head_losses, ema, unet_learner, distributed, image_source, tiles,
                               files, splits, inference, tta, records, training, tiling, ensemble, submission)
            for name in module.__all__]

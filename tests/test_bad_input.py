@@ -98,6 +98,8 @@ def copy_run(trained_run, tmp_path) -> Path:
     (['--restart', '--fold', '0'], '--restart deletes every fold of the run'),
     (['--crop', '64'], 'the crop 64 is larger than the smallest image'),
     (['--folds', '9'], 'too few for 9 folds'),
+    (['--ema', '1'], '--ema must be a decay strictly between 0 and 1'),
+    (['--ema', '-0.5'], '--ema must be a decay strictly between 0 and 1'),
 ], ids=lambda v: ' '.join(v) if isinstance(v, list) else None)
 def test_bad_training_arguments_are_refused_before_anything_is_written(data_factory, tmp_path, capsys, argv, message):
     data = data_factory(1, 2, size=(32, 32), n_images=8)
@@ -125,6 +127,8 @@ def test_bad_training_arguments_are_refused_before_anything_is_written(data_fact
     (['--tta-scales', '0.75,x'], '--tta-scales takes factors separated by commas'),
     (['--tta-scales', '0,1'], 'scales are positive factors'),
     (['--tta-merge', 'median'], "merge must be 'mean' or 'gmean'"),
+    (['--classifier-threshold', '1.5'], '--classifier-threshold must be a probability in [0, 1], not 1.5'),
+    (['--classifier-threshold', '0.5'], '--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier)'),
 ])
 def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, argv, message):
     _, run, test_images = trained_run
