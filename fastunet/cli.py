@@ -68,7 +68,8 @@ def train(data: str,                    # folder with images/ and the mask folde
           resize: int = None,           # resize every image and its mask to this square size (images of several sizes)
           mask_folder: str = 'masks',   # the masks' folder, beside images/
           binary_masks: bool = False,   # foreground masks: any non-zero value is foreground (0/255, 0/1, colour masks)
-          classes: int = 2,             # classes in the masks (codes 0..classes-1); 2 trains a binary model
+          classes: int = None,          # classes in the masks (codes 0..classes-1; default 2, a binary model); with --multilabel, the labels
+          multilabel: bool = False,     # overlapping labels, one mask folder each inside the mask folder (masks/1/x.png, masks/2/x.png, …)
           pretrained: bool = False,     # start from the encoder's pretrained weights (needs the network)
           seed: int = 42,               # folds and training seed
           config: str = 'default',      # the decoder's preset: 'default', 'blog' or 'paper' (the original U-Net's)
@@ -82,7 +83,7 @@ def train(data: str,                    # folder with images/ and the mask folde
     out = Path(out)
     report = run_training(Path(data), out, arch, folds, epochs, lr, bs, seed, mask_folder, binary_masks, crop, fold, pretrained,
                           config, _json_options('--encoder-kwargs', encoder_kwargs), classes, resize, restart, deep_supervision,
-                          classifier, ema)
+                          classifier, ema, multilabel)
     if is_main_process():
         atomic_write(out / 'report.json', lambda p: p.write_text(json.dumps(report, indent=1)))
         print(pd.DataFrame(report['cv']).to_string(index=False))
@@ -107,14 +108,16 @@ def predict(models: str,                # folder of fold records and weights (fa
             overlap: str = '0.25',      # with --tile: overlap of neighbouring tiles, a fraction of the tile (0.25) or pixels (64)
             tile_batch: int = 8,        # with --tile: tiles per forward pass
             blend: str = 'gaussian',    # with --tile: 'gaussian' or 'constant' blending where tiles overlap
-            classifier_threshold: float = None):  # folds trained with --classifier: images it rates below this are empty (default: chosen in training; 0: not used)
+            classifier_threshold: float = None,  # folds trained with --classifier: images it rates below this are empty (default: chosen in training; 0: not used)
+            wide: bool = False,         # models with classes: one row per image with a column per class (default: a row per image and class)
+            header: str = None):        # the submission's column names, e.g. 'ImageId_ClassId,EncodedPixels' (default: id,rle_mask; --wide: id and the classes)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     if tile is None and (overlap != '0.25' or tile_batch != 8 or blend != 'gaussian'):
         raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
     files = list_images(images, IMAGE_SUFFIXES + (('.npy',) if tile else ()))     # arrays are read by windows with --tile
     path = run_prediction(Path(models), files, Path(out), bs, 'none' if no_tta else tta, threshold, min_area, _fold_list(folds), workers,
                           not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend, _scales(tta_scales), tta_merge,
-                          classifier_threshold)
+                          classifier_threshold, wide, None if header is None else header.split(','))
     print(f'wrote {path} ({len(files)} images)')
     return path
 

@@ -42,7 +42,8 @@ def make_synthetic_dataset(dest: str | Path | None = None,      # folder to writ
                            n_classes: int = 2,                  # classes, background included
                            n_channels: int = 1,                 # image channels: 1, 3 or 4
                            empty_fraction: float = 0.2,         # share of images with an empty mask
-                           seed: int = 0                        # the same seed gives the same files
+                           seed: int = 0,                       # the same seed gives the same files
+                           labels: int | None = None            # multi-label instead: this many classes, each its own blobs (they overlap), in masks/1 … masks/<labels>
                            ) -> Path:
     "Write `dest/images/NNNN.png` and `dest/masks/NNNN.png` (class codes 0…n_classes-1); returns `dest`."
     if n_classes < 2: raise ValueError('n_classes counts the background too: at least 2')
@@ -50,10 +51,31 @@ def make_synthetic_dataset(dest: str | Path | None = None,      # folder to writ
     dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix='fastunet_synthetic_'))
     (dest / 'images').mkdir(parents=True, exist_ok=True)
     (dest / 'masks').mkdir(parents=True, exist_ok=True)
+    if labels is not None: return _multilabel_dataset(dest, n_images, size, labels, n_channels, empty_fraction, seed)
     rng = np.random.default_rng(seed)
     for i in range(n_images):
         mask = np.zeros(size, np.uint8) if rng.uniform() < empty_fraction else _blob_mask(rng, *size, n_classes)
         image = _textured_image(rng, mask, n_classes, n_channels)
         Image.fromarray(image[..., 0] if n_channels == 1 else image).save(dest / 'images' / f'{i:04d}.png')
         Image.fromarray(mask).save(dest / 'masks' / f'{i:04d}.png')
+    return dest
+
+# %% ../../nbs/22_learner.synthetic.ipynb #e47b40cb
+def _multilabel_dataset(dest: Path, n_images: int, size: tuple[int, int], labels: int, n_channels: int, empty_fraction: float,
+                        seed: int) -> Path:
+    "Each class's blobs drawn on their own (absent from an image with probability `empty_fraction`), each brighter and striped at its own angle."
+    if not 1 <= labels <= 8: raise ValueError(f'labels must be 1 to 8 classes, not {labels}')
+    rng = np.random.default_rng(seed)
+    for label in range(1, labels + 1): (dest / 'masks' / str(label)).mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        present = [np.zeros(size, np.uint8) if rng.uniform() < empty_fraction else _blob_mask(rng, *size, 2) for _ in range(labels)]
+        image = _textured_image(rng, np.zeros(size, np.uint8), 2, n_channels).astype(np.float32)
+        yy, xx = np.mgrid[:size[0], :size[1]]
+        for bit, mask in enumerate(present):      # where several classes overlap, their stripes add up
+            angle = np.pi * bit / labels
+            stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 1.5)
+            image += ((mask > 0) * (35 + 20 * stripes))[..., None]
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        Image.fromarray(image[..., 0] if n_channels == 1 else image).save(dest / 'images' / f'{i:04d}.png')
+        for label, mask in enumerate(present, 1): Image.fromarray((mask > 0).astype(np.uint8)).save(dest / 'masks' / str(label) / f'{i:04d}.png')
     return dest

@@ -16,7 +16,7 @@ from fastai.data.transforms import Normalize
 from fastai.learner import Learner, defaults
 from fastai.losses import MSELossFlat
 from fastai.optimizer import Adam
-from fastai.torch_core import TensorBase, TensorImage, params
+from fastai.torch_core import TensorBase, TensorImage, TensorMask, params
 from fastai.vision.learner import get_c
 from fastcore.basics import ifnone, risinstance, store_attr
 from fastcore.meta import delegates
@@ -25,6 +25,7 @@ from ..encoders.registry import from_scratch
 from .checks import check_segmentation_batch
 from .ema import EMA, check_ema_decay
 from .head_losses import MultiHeadLoss
+from .multilabel import MultiLabelLoss
 from ..unet.config import UnetConfig
 from ..unet.memory_format import use_memory_format
 from ..unet.model import MoreDynamicUnet
@@ -85,9 +86,10 @@ def more_dynamic_unet_learner(
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
     x, y = dls.one_batch()[:2]
     image_targets = isinstance(y, TensorImage)          # an `ImageBlock` target (a soft `TensorMask` is not one)
-    n_out = n_out or get_c(dls) or (y.shape[1] if image_targets else None)
+    multilabel = isinstance(y, TensorMask) and y.ndim == 4    # one channel per class (`MultiLabelMaskBlock`): a sigmoid each
+    n_out = n_out or (y.shape[1] if multilabel else get_c(dls)) or (y.shape[1] if image_targets else None)
     if not n_out: raise ValueError("n_out is not set and cannot be read from the data: pass `codes` to MaskBlock or n_out=")
-    loss_func = ifnone(loss_func, getattr(dls, 'loss_func', None))
+    loss_func = ifnone(loss_func, MultiLabelLoss() if multilabel else getattr(dls, 'loss_func', None))
     if loss_func is None and image_targets: loss_func = MSELossFlat()
     if check_data: check_segmentation_batch(x, y, n_in, n_out, loss_func)
     if ema is not None: check_ema_decay(ema)

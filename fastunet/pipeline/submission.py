@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Iterable, Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..learner.multilabel import dice_scores
 from .files import atomic_write
 
 # %% auto #0
 __all__ = ['DEFAULT_THRESHOLDS', 'DEFAULT_CLASSIFIER_THRESHOLDS', 'rle_encode', 'rle_decode', 'apply_threshold',
-           'search_threshold', 'write_submission']
+           'search_threshold', 'search_class_thresholds', 'write_submission']
 
 # %% ../../nbs/38_pipeline.submission.ipynb #4137e09c
 def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, width): boolean or 0/1, or probabilities with `threshold`
@@ -114,17 +115,35 @@ def search_threshold(probs: torch.Tensor,                   # foreground probabi
                 if value > best[3]: best = (round(float(threshold), 4), int(min_area), classifier_threshold, value)
     return best if nonempty is not None else (best[0], best[1], best[3])
 
+def search_class_thresholds(probs: torch.Tensor,            # one probability map per class (N, C, H, W), e.g. out-of-fold sigmoids
+                            truths: torch.Tensor,           # true masks (N, C, H, W); non-zero is present
+                            score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dice_scores,   # per-image score of boolean masks
+                            thresholds: Iterable[float] = DEFAULT_THRESHOLDS,   # probability thresholds to try, for each class
+                            min_areas: Iterable[int] = (0,)                     # minimum areas to try, for each class
+                            ) -> tuple[list[float], list[int], float]:
+    "Per class, the threshold and minimum area that maximise its mean `score` (`search_threshold` on each); and the mean over classes."
+    if probs.ndim != 4 or truths.shape != probs.shape:
+        raise ValueError(f"probs and truths must both be (N, C, H, W); got {tuple(probs.shape)} and {tuple(truths.shape)}")
+    thresholds, min_areas = list(thresholds), list(min_areas)
+    found = [search_threshold(probs[:, c], truths[:, c], score, thresholds, min_areas) for c in range(probs.shape[1])]
+    return [t for t, _, _ in found], [a for _, a, _ in found], sum(s for _, _, s in found) / len(found)
+
 # %% ../../nbs/38_pipeline.submission.ipynb #49ea2bfb
-def write_submission(rows: Iterable[tuple[str, str]], path: str | Path = 'submission.csv',
-                     header: tuple[str, str] = ('id', 'rle_mask')) -> Path:
-    "Write (id, rle) rows to `path` atomically: a temporary file in the same folder, renamed when complete; ids must be unique."
+def write_submission(rows: Iterable[tuple[str, ...]],          # (id, rle) per image (or per image and class), or (id, rle of each class)
+                     path: str | Path = 'submission.csv',
+                     header: Sequence[str] = ('id', 'rle_mask')  # the column names, one per value of a row (Severstal: 'ImageId_ClassId', 'EncodedPixels')
+                     ) -> Path:
+    "Write rows to `path` atomically: a temporary file in the same folder, renamed when complete; ids (first column) must be unique."
+    header = tuple(header)
     def write(temporary: Path):
         seen = set()
         with open(temporary, 'w', newline='') as f:
             writer = csv.writer(f)
             writer.writerow(header)
-            for image_id, rle in rows:
-                if image_id in seen: raise ValueError(f"the id {image_id!r} comes twice: each row of a submission needs its own id")
-                seen.add(image_id)
-                writer.writerow((image_id, rle))
+            for row in rows:
+                row = tuple(row)
+                if len(row) != len(header): raise ValueError(f"a row of {len(row)} values for the {len(header)} columns {header}: {row[:3]}")
+                if row[0] in seen: raise ValueError(f"the id {row[0]!r} comes twice: each row of a submission needs its own id")
+                seen.add(row[0])
+                writer.writerow(row)
     return atomic_write(path, write)

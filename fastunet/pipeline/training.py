@@ -32,6 +32,7 @@ from ..unet.config import UnetConfig
 from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from ..learner.ema import check_ema_decay
+from ..learner.multilabel import UnpackLabels
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
 from .records import (NOT_STARTED, RUN_FILE, clear_run, cv_table, finite_state, fold_paths, fold_problem,
@@ -185,7 +186,8 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         learner_kwargs = {**(learner_kwargs or {}), 'ema': ema}
     all_folds = sorted(int(f) for f in df.fold.unique())
     n_out = (learner_kwargs or {}).get('n_out')                 # the classes the model will predict, where the MaskBlock has no codes
-    if check_data: check_datablock(dblock, df, n_classes=None if n_out is None else max(int(n_out), 2), fixes=fixes)
+    multilabel = any(isinstance(t, UnpackLabels) for t in dblock.batch_tfms)    # its packed codes: one per combination of labels
+    if check_data: check_datablock(dblock, df, n_classes=None if n_out is None or multilabel else max(int(n_out), 2), fixes=fixes)
     out_dir = Path(out_dir)
     definition = _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args)
     if is_main_process():

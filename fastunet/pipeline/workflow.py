@@ -34,17 +34,18 @@ from ..learner.distributed import is_main_process
 from ..learner.ema import check_ema_decay
 from ..learner.losses import BCELovaszLoss
 from ..learner.metrics import BinaryIoU, TGSMetric, tgs_scores
+from ..learner.multilabel import MAX_LABELS, MultiLabelDice, MultiLabelLoss, MultiLabelMaskBlock, MultiLabelMasks
 from .ensemble import FoldEnsemble
 from .files import atomic_write, remove_stale_temporaries
 from .records import out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
-from .submission import apply_threshold, rle_encode, search_threshold, write_submission
+from .submission import apply_threshold, rle_encode, search_class_thresholds, search_threshold, write_submission
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
 from .tta import check_tta_scales, tta_transforms
 from .training import check_learning_rate, check_whole, train_folds
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'CLI_FIXES', 'LABELS_IN_MEMORY', 'list_images', 'segmentation_block', 'run_training',
+__all__ = ['IMAGE_SUFFIXES', 'CLI_FIXES', 'LABELS_IN_MEMORY', 'list_images', 'segmentation_block', 'mask_labels', 'run_training',
            'run_prediction']
 
 # %% ../../nbs/39_pipeline.workflow.ipynb #608bed8c
@@ -68,21 +69,36 @@ def list_images(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) 
     return images
 
 def segmentation_block(n_channels: int = 1, mask_folder: str = 'masks', binary_masks: bool = False,
-                       crop: int | None = None, resize: int | None = None, classes: int = 2) -> DataBlock:
-    "A DataBlock over a DataFrame whose `item` column holds image paths; masks come from the sibling folder."
+                       crop: int | None = None, resize: int | None = None, classes: int = 2,
+                       labels: list[str] | None = None) -> DataBlock:
+    "A DataBlock over a DataFrame whose `item` column holds image paths; masks come from the sibling folder (with `labels`: one folder per label)."
     # squished, as `FoldEnsemble` resizes at prediction (fastai's default, a crop, would train on what prediction never sees)
     item_tfms = [RandomCrop(crop)] if crop else [Resize(resize, method=ResizeMethod.Squish)] if resize else []
-    codes = ['background', 'foreground'] if classes == 2 else [f'class_{i}' for i in range(classes)]
-    return DataBlock(blocks=(ImageBlock(image_class(n_channels)), MaskBlock(codes)),
-                     get_x=ColReader('item'), get_y=Pipeline([ColReader('item'), MaskFromFolder(mask_folder, binary=binary_masks)]),
-                     item_tfms=item_tfms, batch_tfms=[Flip()])
+    if labels is not None: target, get_mask = MultiLabelMaskBlock(labels), MultiLabelMasks(labels, mask_folder)
+    else:
+        codes = ['background', 'foreground'] if classes == 2 else [f'class_{i}' for i in range(classes)]
+        target, get_mask = MaskBlock(codes), MaskFromFolder(mask_folder, binary=binary_masks)
+    return DataBlock(blocks=(ImageBlock(image_class(n_channels)), target),
+                     get_x=ColReader('item'), get_y=Pipeline([ColReader('item'), get_mask]), item_tfms=item_tfms, batch_tfms=[Flip()])
+
+def mask_labels(data: Path, mask_folder: str, classes: int | None) -> list[str]:
+    "The labels of a multi-label data set: the sub-folders of its mask folder, by name; `classes`, where given, must count them."
+    folder = Path(data) / mask_folder
+    labels = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not labels:
+        raise FileNotFoundError(f"--multilabel reads one folder of masks per label inside '{folder}' (e.g. {folder}/1/x.png, "
+                                f"{folder}/2/x.png); it has none")
+    if classes is not None and classes != len(labels):
+        raise ValueError(f"--classes {classes}, but '{folder}' holds {len(labels)} label folder(s), {labels}: give --classes {len(labels)} or leave it out")
+    if len(labels) > MAX_LABELS: raise ValueError(f"'{folder}' holds {len(labels)} label folders; multi-label masks take at most {MAX_LABELS}")
+    return labels
 
 CLI_FIXES = dict(binary='pass --binary-masks (any non-zero value is foreground)', classes='pass --classes {n}',
                  size='pass --resize S (every image resized to S×S) or --crop S (random S×S crops)',
                  crop='pass --crop {side} or smaller, or --resize', restart='pass --restart', out='pass another --out')
 
 # %% ../../nbs/39_pipeline.workflow.ipynb #a7fd68b1
-def _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart) -> None:
+def _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart, multilabel) -> None:
     "Every argument checked before any work, each message naming its option."
     check_whole(n_folds, '--folds', 2)
     check_whole(fold, '--fold', 0, optional=True)
@@ -94,8 +110,9 @@ def _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize,
     check_whole(crop, '--crop', optional=True)
     check_whole(resize, '--resize', optional=True)
     if crop and resize: raise ValueError("give --crop or --resize, not both")
-    check_whole(classes, '--classes', 2)
-    if binary_masks and classes != 2:
+    if multilabel: check_whole(classes, '--classes', 1, optional=True)       # the number of label folders
+    else: check_whole(classes, '--classes', 2)
+    if binary_masks and classes != 2 and not multilabel:
         raise ValueError(f"--binary-masks reads masks as background and foreground, two classes; --classes is {classes}")
     if restart and fold is not None:
         raise ValueError("--restart deletes every fold of the run, so it cannot go with --fold (one process of several): "
@@ -107,6 +124,14 @@ def _channels(images: list[Path]) -> int:
         try: return image_channels(image)
         except Exception as e: error = e     # noqa: BLE001: any file that does not open is reported by the check
     raise ValueError(f"none of the {len(images)} files in '{images[0].parent}' opens as an image, e.g. '{images[0]}' ({error})")
+
+def _choose_label_thresholds(models: Path, df: pd.DataFrame, labels: list[str], mask_folder: str) -> dict:
+    "Each label's threshold and minimum area, chosen on the out-of-fold sigmoids by the per-image Dice (1 where both are empty)."
+    oof = torch.from_numpy(out_of_fold(models, len(df)).astype(np.float32))
+    reader = MultiLabelMasks(labels, mask_folder)
+    truths = torch.stack([torch.from_numpy(reader.labels(p)) for p in df['item']])
+    thresholds, min_areas, score = search_class_thresholds(oof, truths, min_areas=(0, 10, 25, 50))
+    return dict(labels=labels, thresholds=thresholds, min_areas=min_areas, score=score)
 
 def run_training(data: Path,                    # folder with images/ and the mask folder
                  out: Path,                     # folder for folds.csv and models/ (run record, fold weights and records, threshold.json)
@@ -123,15 +148,17 @@ def run_training(data: Path,                    # folder with images/ and the ma
                  pretrained: bool = False,      # start from the encoder's pretrained weights
                  config: str = 'default',       # the decoder's preset: 'default', 'blog' or 'paper'
                  encoder_kwargs: dict | None = None,  # options of the encoder, e.g. dict(features=32) for arch 'unet'
-                 classes: int = 2,              # classes in the masks (codes 0..classes-1); 2 trains a binary model
+                 classes: int | None = None,    # classes in the masks (codes 0..classes-1; None: 2, a binary model); with `multilabel`, the label folders
                  resize: int | None = None,     # resize every image and mask to this square size
                  restart: bool = False,         # delete the run already in `out` and start over
                  deep_supervision: bool = False,  # train with a 1×1 head on each decoder stage (see `MultiHeadLoss`)
                  classifier: bool = False,      # train an empty-mask classifier; its threshold is chosen with the pixel threshold
-                 ema: float | None = None       # validate and save an exponential moving average of the weights, e.g. 0.999
+                 ema: float | None = None,      # validate and save an exponential moving average of the weights, e.g. 0.999
+                 multilabel: bool = False       # overlapping labels, one mask folder each inside `mask_folder` (masks/1/x.png, …): a sigmoid per label
                  ) -> dict:
     "Checks, folds (stratified by mask coverage), k-fold training, threshold search on the out-of-fold predictions; a report."
-    _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart)
+    if classes is None and not multilabel: classes = 2
+    _check_training_arguments(n_folds, fold, epochs, lr, bs, seed, crop, resize, classes, binary_masks, restart, multilabel)
     UnetConfig.preset(config)                            # a misspelt preset or a pretrained 'unet': refused before any work
     if ema is not None:
         try: check_ema_decay(ema)
@@ -140,33 +167,42 @@ def run_training(data: Path,                    # folder with images/ and the ma
     data, out = Path(data).resolve(), Path(out)          # resolved: a resume from another working directory is the same run
     images = list_images(data / 'images')
     if len(images) < n_folds: raise FileNotFoundError(f"'{data / 'images'}' holds {len(images)} image(s), too few for {n_folds} folds")
-    dblock = segmentation_block(_channels(images), mask_folder, binary_masks, crop, resize, classes)
+    labels = mask_labels(data, mask_folder, classes) if multilabel else None
+    dblock = segmentation_block(_channels(images), mask_folder, binary_masks, crop, resize, classes, labels)
     items = pd.DataFrame({'item': [str(p) for p in images]})
-    summary = check_datablock(dblock, items, n_classes=classes, fixes=CLI_FIXES)      # every image and mask, before any epoch
+    # every image and mask, before any epoch (multi-label masks travel packed: a code per combination of labels)
+    summary = check_datablock(dblock, items, n_classes=2 ** len(labels) if multilabel else classes, fixes=CLI_FIXES)
     df = make_folds(items['item'], n_folds=n_folds, seed=seed, stratify=coverage_bins(summary.coverage))
     if is_main_process():
         remove_stale_temporaries(out, ['folds.csv', 'report.json'])
         remove_stale_temporaries(out / 'models', 'threshold.json')
         if restart:                                      # the run's own files beside its models; train_folds clears models/
             for path in (out / 'folds.csv', out / 'report.json', out / 'models' / 'threshold.json'): path.unlink(missing_ok=True)
-    binary = classes == 2
-    learner_kwargs = dict(n_out=1 if binary else classes, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs or {},
-                          loss_func=BCELovaszLoss() if binary else CrossEntropyLossFlat(axis=1),
-                          metrics=[TGSMetric(), BinaryIoU()] if binary else [DiceMulti()],
+    binary = classes == 2 and not multilabel
+    if multilabel: n_out, loss_func, metrics, monitor = len(labels), MultiLabelLoss(), [MultiLabelDice()], 'multilabel_dice'
+    elif binary: n_out, loss_func, metrics, monitor = 1, BCELovaszLoss(), [TGSMetric(), BinaryIoU()], 'tgs_metric'
+    else: n_out, loss_func, metrics, monitor = classes, CrossEntropyLossFlat(axis=1), [DiceMulti()], 'dice_multi'
+    learner_kwargs = dict(n_out=n_out, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs or {}, loss_func=loss_func, metrics=metrics,
                           # only when asked for: the definition of a run made before these options stays the same (it resumes)
                           **({'deep_supervision': True} if deep_supervision else {}), **({'classifier': True} if classifier else {}))
     run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=classes, crop=crop, resize=resize,
-                    resize_method=None if resize is None else ResizeMethod.Squish)
+                    resize_method=None if resize is None else ResizeMethod.Squish, **({'labels': labels} if multilabel else {}))
     cv = train_folds(dblock, df, arch, out / 'models', epochs=epochs, lr=lr, bs=bs, seed=seed,
-                     monitor='tgs_metric' if binary else 'dice_multi', folds=None if fold is None else [fold],
+                     monitor=monitor, folds=None if fold is None else [fold],
                      dls_kwargs=dict(num_workers=0), learner_kwargs=learner_kwargs, check_data=False, restart=restart,
                      run_args=run_args, fixes=CLI_FIXES, ema=ema)
     if is_main_process():                                # the folds, by path inside the data folder
         relative = df.assign(item=[str(Path(p).relative_to(data)) for p in df['item']])
         atomic_write(out / 'folds.csv', lambda p: relative.to_csv(p, index=False))
     report = dict(cv=cv.to_dict(orient='records'))
-    # every fold done, binary, OOF predictions at full size (not crops or resized): choose the threshold on all of them
-    if len(cv) == n_folds and binary and crop is None and resize is None and is_main_process():
+    # every fold done, OOF predictions at full size (not crops or resized): choose the thresholds on all of them
+    whole = len(cv) == n_folds and crop is None and resize is None and is_main_process()
+    if whole and multilabel:
+        chosen = _choose_label_thresholds(out / 'models', df, labels, mask_folder)
+        report.update(oof_dice=chosen.pop('score'), **chosen)
+        chosen['run_id'] = read_run(out / 'models')['run_id']
+        atomic_write(out / 'models' / 'threshold.json', lambda p: p.write_text(json.dumps(chosen)))
+    if whole and binary:
         oof = torch.from_numpy(out_of_fold(out / 'models', len(df)).astype(np.float32))[:, 0]
         mask_of = MaskFromFolder(mask_folder, binary=binary_masks)
         truths = torch.stack([torch.from_numpy(mask_of.array(p)) for p in df['item']])
@@ -184,14 +220,17 @@ def run_training(data: Path,                    # folder with images/ and the ma
     return report
 
 # %% ../../nbs/39_pipeline.workflow.ipynb #4df259fe
-def _chosen_threshold(models: Path, run: dict | None) -> dict:
-    "The threshold and minimum area chosen on this run's out-of-fold predictions (0.5 and 0 where none was chosen)."
+def _chosen_threshold(models: Path, run: dict | None, n_labels: int | None = None) -> dict:
+    """The threshold and minimum area chosen on this run's out-of-fold predictions (0.5 and 0 where none was chosen);
+    for a multi-label run (`n_labels`), the 'thresholds' and 'min_areas' of each label."""
     path = models / 'threshold.json'
-    if not path.exists(): return dict(threshold=0.5, min_area=0)
+    keys = ('threshold', 'min_area') if n_labels is None else ('thresholds', 'min_areas')
+    if not path.exists(): return dict(threshold=0.5, min_area=0) if n_labels is None else dict(thresholds=[0.5] * n_labels, min_areas=[0] * n_labels)
     try: chosen = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: chosen = e
-    if not isinstance(chosen, dict) or not {'threshold', 'min_area'} <= set(chosen):
-        raise ValueError(f"'{path}' is damaged ({chosen if isinstance(chosen, Exception) else 'no threshold and min_area'}): "
+    if (not isinstance(chosen, dict) or not set(keys) <= set(chosen)
+            or (n_labels is not None and not all(isinstance(chosen[k], list) and len(chosen[k]) == n_labels for k in keys))):
+        raise ValueError(f"'{path}' is damaged ({chosen if isinstance(chosen, Exception) else 'no ' + ' and '.join(keys)}): "
                          f"delete it and pass --threshold and --min-area, or rerun the training command to choose them again")
     if run is not None and chosen.get('run_id', run['run_id']) != run['run_id']:
         raise ValueError(f"'{path}' was chosen for another run than the folds in '{models}': delete it, or rerun the training command")
@@ -235,7 +274,9 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    blend: str = 'gaussian',        # with `tile`: 'gaussian' or 'constant' blending of overlapping tiles
                    tta_scales: tuple[float, ...] = (1.0,),   # TTA input scales (each prediction resized back)
                    tta_merge: str = 'mean',        # 'mean' or 'gmean' of the TTA probabilities
-                   classifier_threshold: float | None = None   # folds with an empty-mask classifier: images it rates below this are empty (default: the chosen one, else 0.5; 0: not used)
+                   classifier_threshold: float | None = None,  # folds with an empty-mask classifier: images it rates below this are empty (default: the chosen one, else 0.5; 0: not used)
+                   wide: bool = False,             # one row per image with a column per class, instead of a row per image and class
+                   header: list[str] | None = None # the submission's column names (default: id, rle_mask; wide: id and the class names)
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
@@ -261,23 +302,37 @@ def run_prediction(models: Path,                   # folder of fold records and 
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
     n_out = ensemble.record['n_out']
-    saved = _chosen_threshold(models, run) if n_out == 1 else {}
+    multilabel = n_out > 1 and ensemble.record['activation'] == 'sigmoid'      # one sigmoid per label
+    labels = (run or {}).get('definition', {}).get('labels') or [str(c) for c in range(1, n_out + 1)]
+    saved = _chosen_threshold(models, run, n_out if multilabel else None) if n_out == 1 or multilabel else {}
     if n_out == 1:
         threshold = saved['threshold'] if threshold is None else threshold
         min_area = saved['min_area'] if min_area is None else min_area
-    elif threshold is not None or min_area: raise ValueError('--threshold and --min-area apply to binary models; this one has classes')
+    elif multilabel:                                     # --threshold / --min-area: the same for every label
+        thresholds = saved['thresholds'] if threshold is None else [threshold] * n_out
+        min_areas = saved['min_areas'] if min_area is None else [min_area] * n_out
+    elif threshold is not None or min_area: raise ValueError('--threshold and --min-area apply to binary and multi-label models; this one has classes (softmax)')
     if ensemble.has_classifier: ensemble.classifier_threshold = saved.get('classifier_threshold', 0.5) if classifier_threshold is None else classifier_threshold
     elif classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
                                                 f"those in '{models}' have none")
+    names = [None] if n_out == 1 else labels if multilabel else [str(c) for c in range(1, n_out)]
+    columns = 1 + len(names) if wide and n_out > 1 else 2
+    header = tuple(header) if header else ('id', *names) if columns > 2 else ('id', 'rle_mask')
+    if len(header) != columns: raise ValueError(f"--header names {len(header)} column(s), {list(header)}, but the rows have {columns}")
+    if tile is not None and (multilabel or columns > 2):
+        raise ValueError("--tile does not predict multi-label models, nor write --wide rows, yet: predict whole images (leave out --tile)")
     if tile is not None:
         if size is not None: raise ValueError(f"--tile predicts images at their own resolution, but this run trained on images resized "
                                               f"to {resize}×{resize}: predict without --tile (each image is resized as in training)")
         tiling = dict(tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, tta=tta)
-        return write_submission(_tiled_rows(ensemble, images, threshold, min_area, tiling), out_csv)
+        return write_submission(_tiled_rows(ensemble, images, threshold, min_area, tiling), out_csv, header)
     predictions = ensemble.predict_iter(images, bs=bs, tta=tta, size=size, num_workers=num_workers)
-    if n_out == 1:
-        rows = ((Path(item).stem, rle_encode(apply_threshold(probs[-1][None], threshold, min_area)[0]))
-                for item, probs in predictions)
-    else:                                                # a row per image and class (not the background, 0)
-        rows = ((f'{Path(item).stem}_{c}', rle_encode(probs.argmax(0) == c)) for item, probs in predictions for c in range(1, n_out))
-    return write_submission(rows, out_csv)
+    def masks(probs: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
+        "(class name, its mask) per class of one image: the foreground, each label, or each class but the background."
+        if n_out == 1: return [(None, apply_threshold(probs[-1][None], threshold, min_area)[0])]
+        if multilabel: return [(name, apply_threshold(probs[c][None], thresholds[c], min_areas[c])[0]) for c, name in enumerate(labels)]
+        return [(str(c), probs.argmax(0) == c) for c in range(1, n_out)]
+    if columns > 2: rows = ((Path(item).stem, *(rle_encode(mask) for _, mask in masks(probs))) for item, probs in predictions)
+    else: rows = ((Path(item).stem if name is None else f'{Path(item).stem}_{name}', rle_encode(mask))    # a row per image and class
+                  for item, probs in predictions for name, mask in masks(probs))
+    return write_submission(rows, out_csv, header)
