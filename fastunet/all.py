@@ -26,6 +26,7 @@ from .learner.data import *
 from .learner.checks import *
 from .learner.head_losses import *
 from .learner.ema import *
+from .learner.multilabel import *
 from .learner.unet_learner import *
 from .learner.distributed import *
 from .learner.image_source import *
@@ -41,11 +42,12 @@ from .pipeline.ensemble import *
 from .pipeline.submission import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
 from .unet import layers, config, plan, blocks, heads, memory_format, model
-from .learner import losses, metrics, synthetic, data, checks, head_losses, ema, unet_learner, distributed, image_source, tiles
+from .learner import losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, unet_learner, distributed, image_source, tiles
 from .pipeline import files, splits, inference, tta, records, training, tiling, ensemble, submission
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
 __all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, heads, memory_format,
-                              model, losses, metrics, synthetic, data, checks, head_losses, ema, unet_learner, distributed, image_source, tiles,
+                              model, losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, unet_learner, distributed, image_source,
+                              tiles,
                               files, splits, inference, tta, records, training, tiling, ensemble, submission)
            for name in module.__all__]

@@ -129,6 +129,8 @@ def test_bad_training_arguments_are_refused_before_anything_is_written(data_fact
     (['--tta-merge', 'median'], "merge must be 'mean' or 'gmean'"),
     (['--classifier-threshold', '1.5'], '--classifier-threshold must be a probability in [0, 1], not 1.5'),
     (['--classifier-threshold', '0.5'], '--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier)'),
+    (['--wide'], '--wide writes a column per class, and this model has one (binary)'),
+    (['--header', 'ImageId'], "--header names 1 column(s), ['ImageId'], but the rows have 2"),
 ])
 def test_bad_prediction_arguments_are_refused(trained_run, tmp_path, capsys, argv, message):
     _, run, test_images = trained_run

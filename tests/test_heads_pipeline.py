@@ -87,7 +87,7 @@ def test_the_saved_classifier_gives_the_recorded_out_of_fold_probabilities(heads
 def test_predict_empties_the_images_the_classifier_calls_empty(heads_run, salt, tmp_path):
     models, images = heads_run / 'models', list_images(salt / 'images')
     chosen = json.loads((models / 'threshold.json').read_text())
-    ungated = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=None)
+    ungated = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=0.)
     probs = ungated.predict(images, bs=4, progress=False)[:, 0]
     nonempty = ungated.nonempty_probabilities(uint8_batch(images))
     for flag, classifier_threshold in ((None, chosen['classifier_threshold']), ('0', 0.), ('0.5', 0.5), ('1', 1.)):
@@ -105,7 +105,7 @@ def test_predict_empties_the_images_the_classifier_calls_empty(heads_run, salt, 
 def test_ensemble_gates_its_probabilities_and_checks_the_threshold(heads_run):
     models = heads_run / 'models'
     x = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    ungated = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=None)
+    ungated = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=0.)
     nonempty = ungated.nonempty_probabilities(x)
     cut = float(nonempty.median())                       # one image below, one at and one above
     gated = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=cut).predict_batch(x)
@@ -115,6 +115,11 @@ def test_ensemble_gates_its_probabilities_and_checks_the_threshold(heads_run):
         torch.testing.assert_close(gated[image], expected)
     with pytest.raises(ValueError, match=r'classifier_threshold must be a probability'):
         FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=1.5)
+    # by default, the threshold fastunet train chose; tiles are never gated (the classifier judged whole images)
+    chosen = json.loads((models / 'threshold.json').read_text())['classifier_threshold']
+    assert FoldEnsemble.from_dir(models, device='cpu').classifier_threshold == chosen
+    from fastunet.pipeline.tiling import tile_predictor
+    torch.testing.assert_close(tile_predictor(FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=cut))(x), plain)
     plain_model = FoldEnsemble([MoreDynamicUnet('resnet10t', n_in=1)], dict(activation='sigmoid', n_in=1, n_out=1), device='cpu')
     assert plain_model.classifier_threshold is None
     with pytest.raises(ValueError, match='no empty-mask classifier'): plain_model.nonempty_probabilities(x)
@@ -172,3 +177,24 @@ def test_eval_and_export_graph_with_heads_is_the_plain_one(arch, options):
     assert operations[0] == operations[1]
     torch.testing.assert_close(programs[0].module()(x), programs[1].module()(x), rtol=0, atol=0)
     assert isinstance(heads.train()(x), dict)
+
+
+def test_tiles_are_not_gated_and_an_explicit_threshold_with_tiles_is_refused(heads_run, salt, tmp_path):
+    with pytest.raises(ValueError, match='--classifier-threshold with --tile'):
+        run_prediction(heads_run / 'models', list_images(salt / 'images'), tmp_path / 's.csv', tile=32, classifier_threshold=0.5)
+    assert not (tmp_path / 's.csv').exists()
+
+
+def test_runs_recorded_before_the_heads_keep_their_definition_and_weights_load_across_them(tmp_path):
+    "A run made with a UnetConfig before these options existed still resumes; init_dir loads plain weights into a model with heads."
+    from fastunet.pipeline.training import _described, _load_init
+    from fastunet.unet.config import UnetConfig
+    assert 'deep_supervision' not in _described(UnetConfig()) and 'classifier' not in _described(UnetConfig(hypercolumns=True))
+    assert _described(UnetConfig(classifier=True))['classifier'] is True
+    plain = MoreDynamicUnet('resnet10t', n_in=1)
+    torch.save(plain.state_dict(), tmp_path / 'fold_0.pth')
+    heads = MoreDynamicUnet('resnet10t', n_in=1, deep_supervision=True, classifier=True)
+    _load_init(heads, tmp_path / 'fold_0.pth')
+    x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(heads.eval()(x), plain.eval()(x))
+    with pytest.raises(ValueError, match='do not fit this model'): _load_init(MoreDynamicUnet('resnet18', n_in=1), tmp_path / 'fold_0.pth')

@@ -70,11 +70,11 @@ def test_predict_multilabel_rows_per_image_and_label_or_a_column_per_label(multi
     masks = expected_masks(models, images)
     long_csv, wide_csv = tmp_path / 'long.csv', tmp_path / 'wide.csv'
     cli('predict', str(models), str(labelled / 'images'), '--out', str(long_csv), '--header', 'ImageId_ClassId,EncodedPixels')
-    cli('predict', str(models), str(labelled / 'images'), '--out', str(wide_csv), '--wide')
+    cli('predict', str(models), str(labelled / 'images'), '--out', str(wide_csv), '--wide', '--id-with-suffix')
     long, wide = pd.read_csv(long_csv, keep_default_na=False, dtype=str), pd.read_csv(wide_csv, keep_default_na=False, dtype=str)
     assert list(long.columns) == ['ImageId_ClassId', 'EncodedPixels'] and list(wide.columns) == ['id', *LABELS]
     assert list(long['ImageId_ClassId']) == [f'{p.stem}_{label}' for p in images for label in LABELS]
-    assert list(wide['id']) == [p.stem for p in images]
+    assert list(wide['id']) == [p.name for p in images]                     # '0000.png', as Severstal's 'x.jpg'
     for i in range(len(images)):
         for c, label in enumerate(LABELS):
             np.testing.assert_array_equal(rle_decode(long['EncodedPixels'][3 * i + c], (48, 48)), masks[i, c].numpy())

@@ -21,7 +21,7 @@ def check_ema_decay(decay) -> None:
 
 class EMA(Callback):
     "Validate, keep and save an exponential moving average of the weights instead of the last step's."
-    order = 5                                            # before the trackers: they see the averaged weights at after_epoch
+    order = 5                                            # swapped in at before_validate: the trackers' after_epoch sees the averaged weights
     def __init__(self,
                  decay: float = 0.999,                   # weight of the old average at each step (0.999: about the last 1000 steps)
                  warmup: bool = True):                   # start with a small decay that grows to `decay`: (1 + t)/(10 + t)
@@ -35,7 +35,7 @@ class EMA(Callback):
         self.average = [v.detach().clone() for v in self.live]
         self.steps, self.skipped, self.training_weights = 0, False, None
 
-    def after_cancel_step(self): self.skipped = True      # gradient accumulation skipped the optimiser: nothing moved
+    def after_cancel_step(self): self.skipped = True      # mixed precision skipped the step (overflowing gradients): nothing moved
 
     def after_step(self):
         if self.skipped: self.skipped = False; return
@@ -47,7 +47,7 @@ class EMA(Callback):
         with torch.no_grad(): torch._foreach_copy_(self.live, tensors)
 
     def before_validate(self):
-        if self.average is None or self.training_weights is not None: return    # not fitting (learn.validate), or already swapped
+        if self.average is None or self.training_weights is not None: return    # after fit, or already swapped
         self.training_weights = [v.detach().clone() for v in self.live]
         self._load(self.average)
 

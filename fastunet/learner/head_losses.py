@@ -35,16 +35,25 @@ class MultiHeadLoss(nn.Module):
     "`loss_func` on the main output, plus the weighted auxiliary maps and empty-mask logit a model returns in training."
     def __init__(self,
                  loss_func: Callable,               # the loss of the main output (and of each auxiliary map), e.g. `BCELovaszLoss()`
-                 auxiliary_weight: float = 0.4,     # weight of the mean auxiliary loss (deep supervision)
-                 classifier_weight: float = 0.1):   # weight of the empty-mask classifier's BCE
+                 auxiliary_loss_weight: float = 0.4,    # weight of the mean auxiliary loss (deep supervision)
+                 classifier_loss_weight: float = 0.1):  # weight of the empty-mask classifier's BCE
         super().__init__()
         if isinstance(loss_func, MultiHeadLoss): raise ValueError("loss_func is already a MultiHeadLoss: wrap the plain loss once")
-        for name, weight in (('auxiliary_weight', auxiliary_weight), ('classifier_weight', classifier_weight)):
+        for name, weight in (('auxiliary_loss_weight', auxiliary_loss_weight), ('classifier_loss_weight', classifier_loss_weight)):
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float('inf'):
                 raise ValueError(f"{name} must be a finite number ≥ 0, not {weight!r}")
-        self.loss_func, self.auxiliary_weight, self.classifier_weight = loss_func, float(auxiliary_weight), float(classifier_weight)
+        self.loss_func, self.auxiliary_weight, self.classifier_weight = loss_func, float(auxiliary_loss_weight), float(classifier_loss_weight)
         for name in ('activation', 'decodes'):        # what get_preds and predict use: the wrapped loss's
             if hasattr(loss_func, name): setattr(self, name, getattr(loss_func, name))
+
+    @property
+    def reduction(self):
+        "The wrapped loss's `reduction` (fastai sets it to 'none' for `get_preds(with_loss=True)`); absent where it has none."
+        if not hasattr(self.loss_func, 'reduction'): raise AttributeError('reduction')
+        return self.loss_func.reduction
+
+    @reduction.setter
+    def reduction(self, value): self.loss_func.reduction = value
 
     def forward(self, outputs: torch.Tensor | dict, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(outputs, dict): return self.loss_func(outputs, targets)     # eval mode: the logits alone

@@ -73,7 +73,7 @@ def pack_labels(labels: torch.Tensor) -> torch.Tensor:
 
 class UnpackLabels(DisplayedTransform):
     "Batch transform: packed masks (B, H, W) → one 0./1. channel per class (B, C, H, W), a `TensorMask`."
-    order = IntToFloatTensor.order + 1       # after fastai's (which leaves masks alone), before normalisation
+    order = IntToFloatTensor.order + 1       # after fastai's (which makes masks long), before flips and normalisation
     def __init__(self, n_classes: int): self.n_classes = n_classes
     def encodes(self, mask: TensorMask) -> TensorMask: return TensorMask(unpack_labels(mask, self.n_classes))
     def decodes(self, mask: TensorMask) -> TensorMask: return TensorMask(pack_labels(mask))    # shown as one mask of codes

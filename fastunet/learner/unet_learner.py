@@ -25,7 +25,7 @@ from ..encoders.registry import from_scratch
 from .checks import check_segmentation_batch
 from .ema import EMA, check_ema_decay
 from .head_losses import MultiHeadLoss
-from .multilabel import MultiLabelLoss
+from .multilabel import MultiLabelLoss, UnpackLabels
 from ..unet.config import UnetConfig
 from ..unet.memory_format import use_memory_format
 from ..unet.model import MoreDynamicUnet
@@ -86,7 +86,7 @@ def more_dynamic_unet_learner(
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
     x, y = dls.one_batch()[:2]
     image_targets = isinstance(y, TensorImage)          # an `ImageBlock` target (a soft `TensorMask` is not one)
-    multilabel = isinstance(y, TensorMask) and y.ndim == 4    # one channel per class (`MultiLabelMaskBlock`): a sigmoid each
+    multilabel = any(isinstance(t, UnpackLabels) for t in dls.after_batch.fs)   # `MultiLabelMaskBlock`: a channel and a sigmoid per label
     n_out = n_out or (y.shape[1] if multilabel else get_c(dls)) or (y.shape[1] if image_targets else None)
     if not n_out: raise ValueError("n_out is not set and cannot be read from the data: pass `codes` to MaskBlock or n_out=")
     loss_func = ifnone(loss_func, MultiLabelLoss() if multilabel else getattr(dls, 'loss_func', None))
@@ -99,6 +99,10 @@ def more_dynamic_unet_learner(
     if grad_checkpointing: model.set_grad_checkpointing()
     use_memory_format(model, dls.device or 'cpu', channels_last)
     if (model.auxiliary is not None or model.classifier is not None) and not isinstance(loss_func, MultiHeadLoss):
+        # a head weighted 0 would get no gradient, which DDP refuses: leave the head out instead
+        for head, weight, name in ((model.auxiliary, auxiliary_loss_weight, 'auxiliary_loss_weight'), (model.classifier, classifier_loss_weight, 'classifier_loss_weight')):
+            if head is not None and weight == 0:
+                raise ValueError(f"{name}=0 trains nothing in its head: leave out {'deep_supervision' if name.startswith('aux') else 'classifier'}=True instead")
         loss_func = MultiHeadLoss(loss_func, auxiliary_loss_weight, classifier_loss_weight)   # the heads' outputs weighed in training
     if ema is not None: cbs = [*(cbs or []), EMA(ema)]
     if compile:

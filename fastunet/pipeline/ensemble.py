@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import json
 import multiprocessing
 import os
 
@@ -26,7 +27,7 @@ from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
 
 # %% auto #0
-__all__ = ['default_workers', 'FoldEnsemble']
+__all__ = ['chosen_classifier_threshold', 'default_workers', 'FoldEnsemble']
 
 # %% ../../nbs/37_pipeline.ensemble.ipynb #156042fa
 def _decode(item, n_in: int) -> torch.Tensor:
@@ -45,6 +46,17 @@ def _raise_errors(images: Iterator[tuple[object, torch.Tensor | Exception]]) -> 
     for item, image in images:
         if isinstance(image, Exception): raise image
         yield item, image
+
+def chosen_classifier_threshold(model_dir: str | Path) -> float:
+    "The empty-mask classifier's threshold that `fastunet train` chose on out-of-fold predictions (models/threshold.json); 0 (not used) where none was."
+    path = Path(model_dir) / 'threshold.json'
+    try: chosen = json.loads(path.read_text()).get('classifier_threshold') if path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"'{path}' is damaged ({e}): delete it and pass classifier_threshold= (--classifier-threshold)") from e
+    if chosen is None: return 0.
+    if isinstance(chosen, bool) or not isinstance(chosen, (int, float)) or not 0 <= chosen <= 1:
+        raise ValueError(f"'{path}' holds classifier_threshold {chosen!r}, not a probability: delete it and pass classifier_threshold=")
+    return float(chosen)
 
 def default_workers(device: str | torch.device = 'cpu') -> int:
     """Background image readers, at most 4: for a GPU, half the CPU cores this process may use; on the CPU, only the
@@ -69,7 +81,7 @@ class FoldEnsemble:
                  fold_bn: bool = True,                          # fold batch norm into the convolutions (same outputs within 1e-4)
                  tta_scales: tuple[float, ...] = (1.0,),        # TTA input scales, each prediction resized back (e.g. (0.75, 1.0, 1.25))
                  tta_merge: str = 'mean',                       # 'mean' or 'gmean' of the TTA probabilities
-                 classifier_threshold: float | None = 0.5):     # models with an empty-mask classifier: images it rates below this get probability 0 (None or 0: not used)
+                 classifier_threshold: float | None = None):    # models with an empty-mask classifier: images it rates below this get probability 0 (None or 0: not used; `from_dir`: the chosen one)
         check_tta_scales(tta_scales, tta_merge)
         if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
             raise ValueError(f"classifier_threshold must be a probability in [0, 1] (or None), not {classifier_threshold!r}")
@@ -92,8 +104,11 @@ class FoldEnsemble:
                  folds: Sequence[int] | None = None,       # only these folds (default: every fold of the run, all finished)
                  **kwargs                                  # `autocast`, `compile`, `fold_bn`, `tta_scales`, `tta_merge`, `classifier_threshold`: how to predict (see `FoldEnsemble`)
                  ) -> FoldEnsemble:
-        "Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused."
+        """Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused.
+        With an empty-mask classifier and no `classifier_threshold`, the one `fastunet train` chose (`threshold.json`), else none."""
         records, models = load_fold_records(model_dir, folds), []
+        if records[0]['config'].get('classifier') and kwargs.get('classifier_threshold') is None:
+            kwargs['classifier_threshold'] = chosen_classifier_threshold(model_dir)
         for record in records:
             model = MoreDynamicUnet(resolve_arch(record['arch']), n_out=record['n_out'], n_in=record['n_in'], pretrained=False,
                                     config=UnetConfig(**record['config']), encoder_kwargs=record['encoder_kwargs'])
@@ -106,6 +121,11 @@ class FoldEnsemble:
 
     @property
     def n_in(self) -> int: return self.record['n_in']
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        "A batch on the device, as floats in [0, 1], normalised as in training."
+        x = self._to_device(x)
+        return (x - self.mean) / self.std if self.mean is not None else x
 
     def _images(self, items: Sequence, num_workers: int) -> Iterator[tuple[object, torch.Tensor]]:
         "(item, uint8 CHW image) in order; files are read by background workers, images already in memory here."
@@ -128,16 +148,16 @@ class FoldEnsemble:
     def predict_batch(self, x: torch.Tensor,
                       tta: bool | str | list[str] = True,   # True: flip TTA; False: none; a preset ('vflip', 'flips', 'd4') or D4 names
                       scales: tuple[float, ...] | None = None,   # TTA input scales (default: the ensemble's `tta_scales`)
-                      merge: str | None = None                   # 'mean' or 'gmean' (default: the ensemble's `tta_merge`)
+                      merge: str | None = None,                  # 'mean' or 'gmean' (default: the ensemble's `tta_merge`)
+                      gate: bool = True                          # images the empty-mask classifier rates below `classifier_threshold` get 0 (False: not used)
                       ) -> torch.Tensor:
         "Averaged probabilities (B, n_out, H, W) for a batch of images (B, C, H, W): uint8 0..255, or floats in [0, 1]."
         if not (x.dtype == torch.uint8 or x.is_floating_point()):
             raise ValueError(f"images must be uint8 (0..255) or floats in [0, 1], not {x.dtype}: scale them to one of these")
-        x = self._to_device(x)
-        if self.mean is not None: x = (x - self.mean) / self.std
+        x = self._normalised(x)
         scales, merge = scales or self.tta_scales, merge or self.tta_merge
         probs = sum(transform_tta(model, x, self.activation, tta, scales, merge) for model in self.models) / len(self.models)
-        if self.classifier_threshold:               # images the classifier calls empty: probability 0 everywhere
+        if gate and self.classifier_threshold:      # images the classifier calls empty: probability 0 everywhere
             probs = probs * (self._nonempty(x) >= self.classifier_threshold).to(probs.dtype)[:, None, None, None]
         return probs
 
@@ -147,8 +167,7 @@ class FoldEnsemble:
     def nonempty_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         "The empty-mask classifier's probability (B,) that each image of a batch (as `predict_batch` takes it) has foreground, averaged over folds."
         if not self.has_classifier: raise ValueError("these folds have no empty-mask classifier (train with classifier=True)")
-        x = self._to_device(x)
-        return self._nonempty((x - self.mean) / self.std if self.mean is not None else x)
+        return self._nonempty(self._normalised(x))
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         "A batch on the device as floats in [0, 1]; uint8 travels as it is (a quarter of the bytes), through pinned memory to a GPU."

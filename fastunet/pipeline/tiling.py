@@ -159,7 +159,8 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
     if normalize is not None and (len(normalize) != 2 or len(normalize[0]) != len(normalize[1]) or max(map(abs, normalize[0])) > 1):
         raise ValueError(f"normalize is (mean, std), one value per channel, in [0, 1] units (e.g. ImageNet's ([0.485, 0.456, 0.406], "
                          f"[0.229, 0.224, 0.225])), not {normalize!r}")
-    if hasattr(predictor, 'predict_batch'): return lambda tiles: predictor.predict_batch(tiles, tta)     # a FoldEnsemble
+    # a FoldEnsemble; its empty-mask classifier judged whole images, not tiles: not used here
+    if hasattr(predictor, 'predict_batch'): return lambda tiles: predictor.predict_batch(tiles, tta, gate=False)
     if isinstance(predictor, Learner):       # its loss's activation (fastai's rule: none → raw outputs), unless `activation` says
         activation_fn = OUTPUT_ACTIVATIONS[activation] if activation else output_activation(predictor.loss_func)
         stats, module = _normalize_stats(predictor.dls), predictor.model

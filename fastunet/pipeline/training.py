@@ -28,7 +28,7 @@ from fastai.torch_core import set_seed
 
 import fastunet
 from ..encoders.registry import arch_name
-from ..unet.config import UnetConfig
+from ..unet.config import ADDED_FIELDS, UnetConfig
 from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from ..learner.ema import check_ema_decay
@@ -74,7 +74,8 @@ def _normalize_stats(dls) -> list | None:
 def _described(value):
     "A JSON value that stands for `value` in a run's definition: itself where JSON holds it, else its name (a loss, a metric)."
     if isinstance(value, np.generic): return value.item()          # numpy's numbers, as the numbers they are
-    if isinstance(value, UnetConfig): return value.as_dict()
+    if isinstance(value, UnetConfig):        # fields added since, at their default, left out: older runs keep their definition
+        return {k: v for k, v in value.as_dict().items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
     if value is None or isinstance(value, (str, int, float, bool)): return value
     if isinstance(value, slice): return f'slice({value.start}, {value.stop})'
     if isinstance(value, Path): return str(value)
@@ -145,6 +146,13 @@ def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
         raise ValueError(f"while fold {fold} trained, another process replaced or deleted the run record in '{out_dir}': "
                          f"fold {fold} is not saved, since it belongs to a run that is no longer there")
 
+def _load_init(model, path: Path) -> None:
+    "Start from an earlier run's fold weights; the extra heads (deep supervision, classifier) may be there in one run only."
+    missing, unexpected = model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=False)
+    heads = ('auxiliary.', 'classifier.')
+    wrong = [k for k in missing + unexpected if not k.startswith(heads)]
+    if wrong: raise ValueError(f"init_dir weights '{path}' do not fit this model: {len(wrong)} key(s) differ, e.g. {wrong[:3]}")
+
 def _nonempty_probabilities(model, dl) -> list[float]:
     "The empty-mask classifier's probability for each item of `dl`, in order (the classifier's out-of-fold predictions)."
     model, probabilities = unwrap_model(model).eval(), []
@@ -212,7 +220,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             dls = type(dblock).dataloaders(fold_block, df, bs=bs, **loader_kwargs)
             learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
             if init_dir is not None:
-                learn.model.load_state_dict(torch.load(fold_paths(init_dir, fold)['weights'], map_location='cpu', weights_only=True))
+                _load_init(learn.model, fold_paths(init_dir, fold)['weights'])
             keep_best = KeepBestEpoch(monitor=monitor)
             start = time.time()
             with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch

@@ -34,12 +34,12 @@ from ..learner.distributed import is_main_process
 from ..learner.ema import check_ema_decay
 from ..learner.losses import BCELovaszLoss
 from ..learner.metrics import BinaryIoU, TGSMetric, tgs_scores
-from ..learner.multilabel import MAX_LABELS, MultiLabelDice, MultiLabelLoss, MultiLabelMaskBlock, MultiLabelMasks
+from ..learner.multilabel import MAX_LABELS, MultiLabelDice, MultiLabelLoss, MultiLabelMaskBlock, MultiLabelMasks, dice_scores
 from .ensemble import FoldEnsemble
 from .files import atomic_write, remove_stale_temporaries
 from .records import out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
-from .submission import apply_threshold, rle_encode, search_class_thresholds, search_threshold, write_submission
+from .submission import DEFAULT_CLASSIFIER_THRESHOLDS, apply_threshold, rle_encode, search_class_thresholds, search_threshold, write_submission
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
 from .tta import check_tta_scales, tta_transforms
 from .training import check_learning_rate, check_whole, train_folds
@@ -84,7 +84,7 @@ def segmentation_block(n_channels: int = 1, mask_folder: str = 'masks', binary_m
 def mask_labels(data: Path, mask_folder: str, classes: int | None) -> list[str]:
     "The labels of a multi-label data set: the sub-folders of its mask folder, by name; `classes`, where given, must count them."
     folder = Path(data) / mask_folder
-    labels = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    labels = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.')) if folder.is_dir() else []   # not .ipynb_checkpoints
     if not labels:
         raise FileNotFoundError(f"--multilabel reads one folder of masks per label inside '{folder}' (e.g. {folder}/1/x.png, "
                                 f"{folder}/2/x.png); it has none")
@@ -126,12 +126,22 @@ def _channels(images: list[Path]) -> int:
     raise ValueError(f"none of the {len(images)} files in '{images[0].parent}' opens as an image, e.g. '{images[0]}' ({error})")
 
 def _choose_label_thresholds(models: Path, df: pd.DataFrame, labels: list[str], mask_folder: str) -> dict:
-    "Each label's threshold and minimum area, chosen on the out-of-fold sigmoids by the per-image Dice (1 where both are empty)."
+    """Each label's threshold and minimum area, chosen on the out-of-fold sigmoids by the per-image Dice (1 where both are
+    empty); then, with an empty-mask classifier, the image-level threshold below which every label of an image is emptied."""
     oof = torch.from_numpy(out_of_fold(models, len(df)).astype(np.float32))
     reader = MultiLabelMasks(labels, mask_folder)
     truths = torch.stack([torch.from_numpy(reader.labels(p)) for p in df['item']])
     thresholds, min_areas, score = search_class_thresholds(oof, truths, min_areas=(0, 10, 25, 50))
-    return dict(labels=labels, thresholds=thresholds, min_areas=min_areas, score=score)
+    chosen = dict(labels=labels, thresholds=thresholds, min_areas=min_areas)
+    nonempty = out_of_fold_nonempty(models, len(df))
+    if nonempty is not None:     # per image: its labels' mean Dice as thresholded, or that of all labels emptied
+        masks = torch.stack([apply_threshold(oof[:, c], thresholds[c], min_areas[c]) for c in range(len(labels))], 1)
+        kept = dice_scores(masks.flatten(0, 1), truths.flatten(0, 1)).view(len(df), -1).mean(1)
+        emptied = (truths.flatten(2).sum(-1) == 0).float().mean(1)
+        scores = {c: torch.where(torch.from_numpy(nonempty) >= c, kept, emptied).mean().item() for c in DEFAULT_CLASSIFIER_THRESHOLDS}
+        chosen['classifier_threshold'] = max(scores, key=lambda c: (scores[c], -c))    # the lowest of the best
+        score = scores[chosen['classifier_threshold']]
+    return dict(chosen, score=score)
 
 def run_training(data: Path,                    # folder with images/ and the mask folder
                  out: Path,                     # folder for folds.csv and models/ (run record, fold weights and records, threshold.json)
@@ -185,7 +195,7 @@ def run_training(data: Path,                    # folder with images/ and the ma
     learner_kwargs = dict(n_out=n_out, pretrained=pretrained, config=config, encoder_kwargs=encoder_kwargs or {}, loss_func=loss_func, metrics=metrics,
                           # only when asked for: the definition of a run made before these options stays the same (it resumes)
                           **({'deep_supervision': True} if deep_supervision else {}), **({'classifier': True} if classifier else {}))
-    run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=classes, crop=crop, resize=resize,
+    run_args = dict(data=str(data), mask_folder=mask_folder, binary_masks=binary_masks, classes=len(labels) if multilabel else classes, crop=crop, resize=resize,
                     resize_method=None if resize is None else ResizeMethod.Squish, **({'labels': labels} if multilabel else {}))
     cv = train_folds(dblock, df, arch, out / 'models', epochs=epochs, lr=lr, bs=bs, seed=seed,
                      monitor=monitor, folds=None if fold is None else [fold],
@@ -239,7 +249,7 @@ def _chosen_threshold(models: Path, run: dict | None, n_labels: int | None = Non
 LABELS_IN_MEMORY = 2 ** 28    # pixels: a larger image's label map (uint8) goes to a memory-mapped temporary file
 
 def _tiled_rows(ensemble: FoldEnsemble, images: list[Path], threshold: float | None, min_area: int | None,
-                tiling: dict) -> Iterator[tuple[str, str]]:
+                tiling: dict, image_id=lambda item: Path(item).stem) -> Iterator[tuple[str, str]]:
     "Submission rows of images predicted by tiles: only a uint8 label map per image is kept, never its float probabilities."
     for item in images:          # a TIFF or .npy that cannot be read (or has the wrong channels) fails before any prediction
         if Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',): open_image(item, ensemble.n_in).close()
@@ -252,8 +262,8 @@ def _tiled_rows(ensemble: FoldEnsemble, images: list[Path], threshold: float | N
             finally: source.close()
             if ensemble.record['n_out'] == 1:
                 too_small = min_area and int(labels.sum(dtype=np.int64)) < min_area
-                yield Path(item).stem, '' if too_small else rle_encode(labels)
-            else: yield from ((f'{Path(item).stem}_{c}', rle_encode(labels, label=c)) for c in range(1, ensemble.record['n_out']))
+                yield image_id(item), '' if too_small else rle_encode(labels)
+            else: yield from ((f'{image_id(item)}_{c}', rle_encode(labels, label=c)) for c in range(1, ensemble.record['n_out']))
             del labels
             if path is not None: path.unlink()
 
@@ -274,9 +284,10 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    blend: str = 'gaussian',        # with `tile`: 'gaussian' or 'constant' blending of overlapping tiles
                    tta_scales: tuple[float, ...] = (1.0,),   # TTA input scales (each prediction resized back)
                    tta_merge: str = 'mean',        # 'mean' or 'gmean' of the TTA probabilities
-                   classifier_threshold: float | None = None,  # folds with an empty-mask classifier: images it rates below this are empty (default: the chosen one, else 0.5; 0: not used)
+                   classifier_threshold: float | None = None,  # folds with an empty-mask classifier: images it rates below this are empty (default: the one chosen in training, else none; 0: none)
                    wide: bool = False,             # one row per image with a column per class, instead of a row per image and class
-                   header: list[str] | None = None # the submission's column names (default: id, rle_mask; wide: id and the class names)
+                   header: list[str] | None = None,# the submission's column names (default: id, rle_mask; wide: id and the class names)
+                   id_with_suffix: bool = False    # ids keep the image's file ending ('x.jpg', 'x.jpg_1' as Severstal and Clouds) instead of 'x'
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
@@ -297,42 +308,50 @@ def run_prediction(models: Path,                   # folder of fold records and 
         if blend not in BLENDINGS: raise ValueError(f"--blend must be one of {BLENDINGS}, not {blend!r}")
     models = Path(models)
     # every fold of the run there, none from another: or a clear error
-    ensemble = FoldEnsemble.from_dir(models, folds=folds, autocast=autocast, compile=compile, tta_scales=tta_scales, tta_merge=tta_merge)
+    if tile is not None and classifier_threshold:
+        raise ValueError("--classifier-threshold with --tile: the empty-mask classifier judged whole images, and is not used on tiles")
+    ensemble = FoldEnsemble.from_dir(models, folds=folds, autocast=autocast, compile=compile, tta_scales=tta_scales, tta_merge=tta_merge,
+                                     classifier_threshold=classifier_threshold)    # None: the one chosen in training, else none
     run = read_run(models)
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
     n_out = ensemble.record['n_out']
-    multilabel = n_out > 1 and ensemble.record['activation'] == 'sigmoid'      # one sigmoid per label
-    labels = (run or {}).get('definition', {}).get('labels') or [str(c) for c in range(1, n_out + 1)]
+    defined_labels = (run or {}).get('definition', {}).get('labels')         # a --multilabel run (one label is one too)
+    multilabel = defined_labels is not None or (n_out > 1 and ensemble.record['activation'] == 'sigmoid')      # a sigmoid per label
+    labels = defined_labels or [str(c) for c in range(1, n_out + 1)]
     saved = _chosen_threshold(models, run, n_out if multilabel else None) if n_out == 1 or multilabel else {}
-    if n_out == 1:
+    if n_out == 1 and not multilabel:
         threshold = saved['threshold'] if threshold is None else threshold
         min_area = saved['min_area'] if min_area is None else min_area
     elif multilabel:                                     # --threshold / --min-area: the same for every label
         thresholds = saved['thresholds'] if threshold is None else [threshold] * n_out
         min_areas = saved['min_areas'] if min_area is None else [min_area] * n_out
     elif threshold is not None or min_area: raise ValueError('--threshold and --min-area apply to binary and multi-label models; this one has classes (softmax)')
-    if ensemble.has_classifier: ensemble.classifier_threshold = saved.get('classifier_threshold', 0.5) if classifier_threshold is None else classifier_threshold
-    elif classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
+    if ensemble.has_classifier and not ensemble.classifier_threshold and classifier_threshold is None and tile is None:
+        print(f"the empty-mask classifier's threshold was not chosen in training ({models / 'threshold.json'} has none: crops, "
+              f"resized images or classes): it is not used; pass --classifier-threshold to use it")
+    if not ensemble.has_classifier and classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
                                                 f"those in '{models}' have none")
-    names = [None] if n_out == 1 else labels if multilabel else [str(c) for c in range(1, n_out)]
-    columns = 1 + len(names) if wide and n_out > 1 else 2
+    names = labels if multilabel else [None] if n_out == 1 else [str(c) for c in range(1, n_out)]
+    if wide and names == [None]: raise ValueError("--wide writes a column per class, and this model has one (binary): leave out --wide")
+    columns = 1 + len(names) if wide else 2
     header = tuple(header) if header else ('id', *names) if columns > 2 else ('id', 'rle_mask')
     if len(header) != columns: raise ValueError(f"--header names {len(header)} column(s), {list(header)}, but the rows have {columns}")
+    def image_id(item) -> str: return Path(item).name if id_with_suffix else Path(item).stem
     if tile is not None and (multilabel or columns > 2):
         raise ValueError("--tile does not predict multi-label models, nor write --wide rows, yet: predict whole images (leave out --tile)")
     if tile is not None:
         if size is not None: raise ValueError(f"--tile predicts images at their own resolution, but this run trained on images resized "
                                               f"to {resize}×{resize}: predict without --tile (each image is resized as in training)")
         tiling = dict(tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, tta=tta)
-        return write_submission(_tiled_rows(ensemble, images, threshold, min_area, tiling), out_csv, header)
+        return write_submission(_tiled_rows(ensemble, images, threshold, min_area, tiling, image_id), out_csv, header)
     predictions = ensemble.predict_iter(images, bs=bs, tta=tta, size=size, num_workers=num_workers)
     def masks(probs: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
         "(class name, its mask) per class of one image: the foreground, each label, or each class but the background."
-        if n_out == 1: return [(None, apply_threshold(probs[-1][None], threshold, min_area)[0])]
         if multilabel: return [(name, apply_threshold(probs[c][None], thresholds[c], min_areas[c])[0]) for c, name in enumerate(labels)]
+        if n_out == 1: return [(None, apply_threshold(probs[-1][None], threshold, min_area)[0])]
         return [(str(c), probs.argmax(0) == c) for c in range(1, n_out)]
-    if columns > 2: rows = ((Path(item).stem, *(rle_encode(mask) for _, mask in masks(probs))) for item, probs in predictions)
-    else: rows = ((Path(item).stem if name is None else f'{Path(item).stem}_{name}', rle_encode(mask))    # a row per image and class
+    if wide: rows = ((image_id(item), *(rle_encode(mask) for _, mask in masks(probs))) for item, probs in predictions)
+    else: rows = ((image_id(item) if name is None else f'{image_id(item)}_{name}', rle_encode(mask))    # a row per image and class
                   for item, probs in predictions for name, mask in masks(probs))
     return write_submission(rows, out_csv, header)

@@ -15,9 +15,13 @@ from fastcore.basics import store_attr
 from .layers import ACTIVATIONS, INITS, NORMS, UPSAMPLE_MODES
 
 # %% auto #0
-__all__ = ['FASTAI_ALIASES', 'UnetConfig']
+__all__ = ['ADDED_FIELDS', 'FASTAI_ALIASES', 'UnetConfig']
 
 # %% ../../nbs/11_unet.config.ipynb #26294abe
+# fields added after k-fold runs first recorded their configuration, with their default: left out of a run's
+# definition at that default, so that a run made before them still resumes
+ADDED_FIELDS = {'deep_supervision': False, 'classifier': False}
+
 # fastai's `DynamicUnet` keywords that are spelled differently here
 FASTAI_ALIASES = {'self_attention': 'attention', 'act_cls': 'act', 'norm_type': 'norm'}
 _NORM_TYPES = {NormType.Batch: 'batch', NormType.BatchZero: 'batch', NormType.Instance: 'instance',

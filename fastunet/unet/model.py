@@ -80,7 +80,7 @@ class MoreDynamicUnet(nn.Module):
         else: self.residual = nn.Identity()
         self.head = conv2d(head_in, n_out, 1, config.norm if config.norm in REPARAMETRISED else None)   # fastai normalises its head's weights too
         self.output = SigmoidRange(*config.y_range) if config.y_range else nn.Identity()
-        # training-only heads (see `fastunet.unet.heads`): absent unless asked for, so state dicts without them still load
+        # extra heads for training (see `fastunet.unet.heads`), absent unless asked for: a model without them loads older weights
         self.auxiliary = AuxiliaryHeads([s.width for s in self.stages[:-1]], n_out) if config.deep_supervision else None
         self.classifier = EmptyMaskClassifier(deepest) if config.classifier else None
         for part in (self.middle, self.blocks, self.residual, self.head): init_convs(part, config.init)

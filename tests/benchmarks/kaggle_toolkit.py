@@ -47,7 +47,7 @@ def held_out_predictions(workdir: Path, mask_folder: str, binary: bool, ttas: tu
     probs = {tta: [None] * len(items) for tta in ttas}
     nonempty = [None] * len(items)
     for record in load_fold_records(workdir / 'models'):
-        single = FoldEnsemble.from_dir(workdir / 'models', folds=[record['fold']], device='cpu', classifier_threshold=None)
+        single = FoldEnsemble.from_dir(workdir / 'models', folds=[record['fold']], device='cpu', classifier_threshold=0.)   # ungated: the search gates
         held_out = [items[i] for i in record['valid_index']]
         for tta in ttas:
             for i, p in zip(record['valid_index'], single.predict(held_out, bs=4, tta=tta, progress=False)[:, -1]): probs[tta][i] = p
