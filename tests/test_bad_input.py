@@ -518,4 +518,4 @@ def test_classes_named_by_the_check_train_and_predict_a_row_per_class(data_facto
     rows = dict(line.split(',') for line in submission.read_text().splitlines()[1:])
     for image, image_probs in zip(test, probs):                         # each class's row is where it wins the argmax
         for c in (1, 2): np.testing.assert_array_equal(rle_decode(rows[f'{image.stem}_{c}'], (32, 32)), (image_probs.argmax(0) == c).numpy())
-    with pytest.raises(ValueError, match='apply to binary models'): run_prediction(out / 'models', test, tmp_path / 't.csv', threshold=0.5)
+    with pytest.raises(ValueError, match='apply to binary and multi-label models'): run_prediction(out / 'models', test, tmp_path / 't.csv', threshold=0.5)

@@ -123,6 +123,11 @@ def finite_state(state: dict) -> bool:
     "Do a state dict's floating-point tensors hold only finite values (not a diverged model's NaN)?"
     return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
+def _probabilities(values, n: int) -> bool:
+    "Are `values` a list of `n` probabilities (numbers in [0, 1])?"
+    return (isinstance(values, list) and len(values) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values))
+
 def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequence[int]) -> str | None:
     "Why fold `fold` of `run` is not done in `out_dir` (`NOT_STARTED` if it has no files), or None if it is done."
     paths = fold_paths(out_dir, fold)
@@ -142,8 +147,8 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     except Exception as e: return f"its out-of-fold predictions '{paths['oof']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if n_predictions != len(valid_index):
         return f"its out-of-fold predictions hold {n_predictions} items, its validation set {len(valid_index)}"
-    if (record.get('config') or {}).get('classifier') and len(record.get('oof_nonempty') or []) != len(valid_index):
-        return "its record lacks the empty-mask classifier's out-of-fold probabilities (one per validation item)"
+    if (record.get('config') or {}).get('classifier') and not _probabilities(record.get('oof_nonempty'), len(valid_index)):
+        return "its record lacks the empty-mask classifier's out-of-fold probabilities (one in [0, 1] per validation item)"
     return None
 
 # %% ../../nbs/34_pipeline.records.ipynb #de5c3c3e
@@ -236,7 +241,7 @@ def out_of_fold_nonempty(out_dir: str | Path, n_items: int) -> np.ndarray | None
     if not records[0]['config'].get('classifier'): return None
     nonempty = np.full(n_items, np.nan, dtype=np.float32)
     for record in records:
-        if len(record.get('oof_nonempty') or []) != len(record['valid_index']):
+        if not _probabilities(record.get('oof_nonempty'), len(record['valid_index'])):
             raise ValueError(f"fold {record['fold']}'s record in '{out_dir}' lacks the classifier's out-of-fold probabilities: "
                              f"retrain that fold (rerun the training command; it sees the damaged fold and trains it again)")
         nonempty[record['valid_index']] = record['oof_nonempty']

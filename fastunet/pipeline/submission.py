@@ -104,6 +104,8 @@ def search_threshold(probs: torch.Tensor,                   # foreground probabi
         nonempty = torch.as_tensor(nonempty, dtype=torch.float32).flatten()
         if len(nonempty) != len(probs):
             raise ValueError(f"nonempty holds {len(nonempty)} image probabilities for {len(probs)} images: one per image")
+        if not bool(((nonempty >= 0) & (nonempty <= 1)).all()):
+            raise ValueError("nonempty must hold probabilities in [0, 1] (the classifier's sigmoid), not NaN or other values")
         gates = [(round(float(c), 4), nonempty >= c) for c in classifier_thresholds]
         empty_scores = score(torch.zeros_like(truths), truths).float()     # what an image the classifier empties scores
     best = (0.5, 0, 0., -float('inf'))

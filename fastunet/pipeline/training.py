@@ -148,7 +148,8 @@ def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
 
 def _load_init(model, path: Path) -> None:
     "Start from an earlier run's fold weights; the extra heads (deep supervision, classifier) may be there in one run only."
-    missing, unexpected = model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=False)
+    try: missing, unexpected = model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=False)
+    except RuntimeError as e: raise ValueError(f"init_dir weights '{path}' do not fit this model: {str(e)[:300]}") from e   # shapes differ
     heads = ('auxiliary.', 'classifier.')
     wrong = [k for k in missing + unexpected if not k.startswith(heads)]
     if wrong: raise ValueError(f"init_dir weights '{path}' do not fit this model: {len(wrong)} key(s) differ, e.g. {wrong[:3]}")

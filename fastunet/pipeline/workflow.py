@@ -244,7 +244,19 @@ def _chosen_threshold(models: Path, run: dict | None, n_labels: int | None = Non
                          f"delete it and pass --threshold and --min-area, or rerun the training command to choose them again")
     if run is not None and chosen.get('run_id', run['run_id']) != run['run_id']:
         raise ValueError(f"'{path}' was chosen for another run than the folds in '{models}': delete it, or rerun the training command")
+    values = [(chosen['threshold'], chosen['min_area'])] if n_labels is None else list(zip(chosen['thresholds'], chosen['min_areas']))
+    for threshold, min_area in values:
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1
+                or isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 0):
+            raise ValueError(f"'{path}' holds threshold {threshold!r} and minimum area {min_area!r}: a probability in [0, 1] and a whole "
+                             f"number ≥ 0 are expected. Delete it and pass --threshold and --min-area, or rerun the training command")
     return chosen
+
+def _saved_labels(models: Path) -> list[str] | None:
+    "The label names a multi-label run wrote beside its thresholds (where its run record is missing)."
+    try: labels = json.loads((models / 'threshold.json').read_text()).get('labels')
+    except (OSError, ValueError, AttributeError): return None
+    return labels if isinstance(labels, list) and all(isinstance(label, str) for label in labels) else None
 
 LABELS_IN_MEMORY = 2 ** 28    # pixels: a larger image's label map (uint8) goes to a memory-mapped temporary file
 
@@ -316,7 +328,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
     n_out = ensemble.record['n_out']
-    defined_labels = (run or {}).get('definition', {}).get('labels')         # a --multilabel run (one label is one too)
+    defined_labels = (run or {}).get('definition', {}).get('labels') or _saved_labels(models)    # a --multilabel run (one label is one too)
     multilabel = defined_labels is not None or (n_out > 1 and ensemble.record['activation'] == 'sigmoid')      # a sigmoid per label
     labels = defined_labels or [str(c) for c in range(1, n_out + 1)]
     saved = _chosen_threshold(models, run, n_out if multilabel else None) if n_out == 1 or multilabel else {}
@@ -327,7 +339,9 @@ def run_prediction(models: Path,                   # folder of fold records and 
         thresholds = saved['thresholds'] if threshold is None else [threshold] * n_out
         min_areas = saved['min_areas'] if min_area is None else [min_area] * n_out
     elif threshold is not None or min_area: raise ValueError('--threshold and --min-area apply to binary and multi-label models; this one has classes (softmax)')
-    if ensemble.has_classifier and not ensemble.classifier_threshold and classifier_threshold is None and tile is None:
+    if ensemble.has_classifier and classifier_threshold is None and tile is not None:
+        print("the empty-mask classifier judged whole images in training: it is not used on tiles")
+    elif ensemble.has_classifier and classifier_threshold is None and 'classifier_threshold' not in saved:
         print(f"the empty-mask classifier's threshold was not chosen in training ({models / 'threshold.json'} has none: crops, "
               f"resized images or classes): it is not used; pass --classifier-threshold to use it")
     if not ensemble.has_classifier and classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
@@ -335,7 +349,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
     names = labels if multilabel else [None] if n_out == 1 else [str(c) for c in range(1, n_out)]
     if wide and names == [None]: raise ValueError("--wide writes a column per class, and this model has one (binary): leave out --wide")
     columns = 1 + len(names) if wide else 2
-    header = tuple(header) if header else ('id', *names) if columns > 2 else ('id', 'rle_mask')
+    header = tuple(h.strip() for h in header) if header else ('id', *names) if wide else ('id', 'rle_mask')
+    if not all(header) or len(set(header)) != len(header): raise ValueError(f"--header names must be distinct and not empty: {list(header)}")
     if len(header) != columns: raise ValueError(f"--header names {len(header)} column(s), {list(header)}, but the rows have {columns}")
     def image_id(item) -> str: return Path(item).name if id_with_suffix else Path(item).stem
     if tile is not None and (multilabel or columns > 2):
