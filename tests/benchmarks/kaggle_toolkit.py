@@ -119,7 +119,8 @@ def table(rows: list[dict], settings: dict) -> str:
                  f"{', '.join(f'{d}: {n} epochs' for d, n in epochs.items())}, the same for every variant), on "
                  f"this machine's CPU; mean over {', '.join(f'{n} seed(s) for {d}' for d, n in seeds.items())} (each seed: its "
                  f"own folds, and for salt its own generated data set of {settings['n_images']} images). Δ: change from the "
-                 f"baseline without TTA. The spread between seeds is in `kaggle_toolkit.json`.")
+                 f"baseline without TTA." + (" The spread between seeds is in `kaggle_toolkit.json`." if max(seeds.values()) > 1 else
+                                             " One seed: how much another seed would move these figures was not measured."))
     return '\n'.join(lines)
 
 
