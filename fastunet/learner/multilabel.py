@@ -81,7 +81,8 @@ class UnpackLabels(DisplayedTransform):
 def MultiLabelMaskBlock(classes: Sequence[str]) -> TransformBlock:
     "A `TransformBlock` for `MultiLabelMasks` targets: packed through the item transforms, one channel per class in the batch."
     classes = [str(c) for c in classes]
-    if not 1 <= len(classes) <= MAX_LABELS: raise ValueError(f"multi-label masks need 1 to {MAX_LABELS} classes; got {len(classes)}")
+    if not 1 <= len(classes) <= MAX_LABELS or len(set(classes)) != len(classes):
+        raise ValueError(f"multi-label masks need 1 to {MAX_LABELS} distinct classes; got {classes}")
     # every combination of classes is a code of the packed mask: the data check accepts exactly these values
     codes = ['+'.join(c for bit, c in enumerate(classes) if code >> bit & 1) or 'none' for code in range(2 ** len(classes))]
     return TransformBlock(type_tfms=PILMask.create, item_tfms=AddMaskCodes(codes=codes),

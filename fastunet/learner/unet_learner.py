@@ -80,8 +80,8 @@ def more_dynamic_unet_learner(
         channels_last: bool | None = None,       # weights in channels-last memory format; None: where the data's device runs it faster (CPU, CUDA)
         compile: bool | dict = False,            # compile the model in place, one graph per input shape; a dict is passed on, e.g. dict(fullgraph=True)
         ema: float | None = None,                # validate and keep an exponential moving average of the weights with this decay, e.g. 0.999 (see `EMA`)
-        auxiliary_loss_weight: float = 0.4,      # with deep_supervision=True: weight of the auxiliary maps' loss (see `MultiHeadLoss`)
-        classifier_loss_weight: float = 0.1,     # with classifier=True: weight of the empty-mask classifier's BCE
+        auxiliary_loss_weight: float | None = None,   # with deep_supervision=True: weight of the auxiliary maps' loss (default 0.4, see `MultiHeadLoss`)
+        classifier_loss_weight: float | None = None,  # with classifier=True: weight of the empty-mask classifier's BCE (default 0.1)
         **kwargs) -> Learner:
     "A `Learner` with a `MoreDynamicUnet` on `arch`, set up as fastai's `unet_learner` sets up its `DynamicUnet`."
     x, y = dls.one_batch()[:2]
@@ -98,12 +98,16 @@ def more_dynamic_unet_learner(
                             encoder_kwargs=encoder_kwargs, **kwargs)
     if grad_checkpointing: model.set_grad_checkpointing()
     use_memory_format(model, dls.device or 'cpu', channels_last)
+    heads = ((model.auxiliary, auxiliary_loss_weight, 'auxiliary_loss_weight', 'deep_supervision'),
+             (model.classifier, classifier_loss_weight, 'classifier_loss_weight', 'classifier'))
+    for head, weight, name, option in heads:
+        if head is None and weight is not None:     # a weight for a head the model lacks would weigh nothing
+            raise ValueError(f"{name} weighs the loss of the {option} head: pass {option}=True too, or leave {name} out")
+        if head is not None and weight == 0:        # a head weighted 0 would get no gradient, which DDP refuses
+            raise ValueError(f"{name}=0 trains nothing in its head: leave out {option}=True instead")
     if (model.auxiliary is not None or model.classifier is not None) and not isinstance(loss_func, MultiHeadLoss):
-        # a head weighted 0 would get no gradient, which DDP refuses: leave the head out instead
-        for head, weight, name in ((model.auxiliary, auxiliary_loss_weight, 'auxiliary_loss_weight'), (model.classifier, classifier_loss_weight, 'classifier_loss_weight')):
-            if head is not None and weight == 0:
-                raise ValueError(f"{name}=0 trains nothing in its head: leave out {'deep_supervision' if name.startswith('aux') else 'classifier'}=True instead")
-        loss_func = MultiHeadLoss(loss_func, auxiliary_loss_weight, classifier_loss_weight)   # the heads' outputs weighed in training
+        weights = {name: weight for _, weight, name, _ in heads if weight is not None}      # the others: MultiHeadLoss's defaults
+        loss_func = MultiHeadLoss(loss_func, **weights)      # the heads' outputs weighed in training
     if ema is not None: cbs = [*(cbs or []), EMA(ema)]
     if compile:
         # dynamic=False: torch 2.14's inductor fails on this model's padding when it turns a second image size into symbolic shapes

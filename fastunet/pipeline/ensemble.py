@@ -86,6 +86,9 @@ class FoldEnsemble:
         if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
             raise ValueError(f"classifier_threshold must be a probability in [0, 1] (or None), not {classifier_threshold!r}")
         self.has_classifier = all(getattr(_unwrap(m), 'classifier', None) is not None for m in models)
+        if classifier_threshold and not self.has_classifier:      # it would gate nothing: say so rather than ignore it
+            raise ValueError(f"classifier_threshold={classifier_threshold} needs folds with an empty-mask classifier (trained with "
+                             "classifier=True); these have none: leave it None")
         self.classifier_threshold = classifier_threshold if self.has_classifier else None
         self.tta_scales, self.tta_merge = tuple(tta_scales), tta_merge
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))

@@ -106,7 +106,10 @@ def search_threshold(probs: torch.Tensor,                   # foreground probabi
             raise ValueError(f"nonempty holds {len(nonempty)} image probabilities for {len(probs)} images: one per image")
         if not bool(((nonempty >= 0) & (nonempty <= 1)).all()):
             raise ValueError("nonempty must hold probabilities in [0, 1] (the classifier's sigmoid), not NaN or other values")
-        gates = [(round(float(c), 4), nonempty >= c) for c in classifier_thresholds]
+        classifier_thresholds = [float(c) for c in classifier_thresholds]
+        if not classifier_thresholds or not all(0 <= c <= 1 for c in classifier_thresholds):
+            raise ValueError(f"classifier_thresholds must be probabilities in [0, 1] (0: no gating), at least one; got {classifier_thresholds}")
+        gates = [(round(c, 4), nonempty >= c) for c in classifier_thresholds]
         empty_scores = score(torch.zeros_like(truths), truths).float()     # what an image the classifier empties scores
     best = (0.5, 0, 0., -float('inf'))
     for threshold in thresholds:

@@ -17,9 +17,9 @@ from fastprogress.fastprogress import progress_bar
 from .inference import inference_model, probe_input
 
 # %% auto #0
-__all__ = ['OUTPUT_ACTIVATIONS', 'D4_TRANSFORMS', 'TTA_PRESETS', 'output_activation', 'activation_name', 'flip_tta',
-           'apply_transform', 'invert_transform', 'tta_transforms', 'check_tta_scales', 'transform_tta', 'hflip_tta',
-           'tta']
+__all__ = ['OUTPUT_ACTIVATIONS', 'D4_TRANSFORMS', 'TTA_PRESETS', 'PASS_PIXELS', 'output_activation', 'activation_name',
+           'flip_tta', 'apply_transform', 'invert_transform', 'tta_transforms', 'check_tta_scales',
+           'transforms_per_pass', 'transform_tta', 'hflip_tta', 'tta']
 
 # %% ../../nbs/33_pipeline.tta.ipynb #91e76a9a
 OUTPUT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -46,7 +46,6 @@ def flip_tta(model: nn.Module,                              # any model from ima
              flip: bool = True                              # False: the plain prediction, for comparison
              ) -> torch.Tensor:
     "Probabilities for `x`, averaged with the de-flipped probabilities of its horizontal mirror."
-    # two passes at the batch's size, not one at twice it: on CPU a doubled batch runs ~15% slower per image (caches)
     return transform_tta(model, x, activation, 'hflip' if flip else 'none')
 
 # %% ../../nbs/33_pipeline.tta.ipynb #8cd59184
@@ -85,25 +84,47 @@ def check_tta_scales(scales: tuple[float, ...], merge: str = 'mean') -> None:
     if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
         raise ValueError(f"scales are positive factors such as (0.75, 1.0, 1.25), not {scales!r}")
 
+PASS_PIXELS = {'cpu': 2 ** 19, 'cuda': 2 ** 21}     # most pixels (images × height × width) one stacked forward pass takes, by device type
+
+def transforms_per_pass(x: torch.Tensor,                    # the batch (B, C, H, W) each transform is applied to
+                        pass_pixels: int | None = None      # most pixels per pass (None: `PASS_PIXELS` of x's device, else the CPU's)
+                        ) -> int:
+    "How many transformed copies of `x` one forward pass takes: as many as fit in `pass_pixels`, at least one (a batch is never split)."
+    if pass_pixels is None: pass_pixels = PASS_PIXELS.get(x.device.type, PASS_PIXELS['cpu'])
+    elif isinstance(pass_pixels, bool) or not isinstance(pass_pixels, int) or pass_pixels < 1:
+        raise ValueError(f"pass_pixels is the most pixels (images × height × width) one forward pass takes, a whole number ≥ 1 "
+                         f"(or None for the device's default), not {pass_pixels!r}")
+    return max(1, pass_pixels // max(1, x.shape[0] * x.shape[-2] * x.shape[-1]))
+
+def _passes(names: tuple[str, ...], shape: torch.Size, per_pass: int) -> list[tuple[str, ...]]:
+    "The transforms in groups of at most `per_pass` that give copies of one shape (a quarter turn or transposition swaps the sides of a non-square image)."
+    swapped = {'rot90', 'rot270', 'transpose', 'antitranspose'}
+    groups = [names] if shape[-2] == shape[-1] else [tuple(n for n in names if n not in swapped), tuple(n for n in names if n in swapped)]
+    return [group[i:i + per_pass] for group in groups for i in range(0, len(group), per_pass)]
+
 def transform_tta(model: nn.Module,                         # any model from images to per-pixel outputs (B, C, H, W)
                   x: torch.Tensor,                          # a batch of (normalised) images
                   activation: Callable[[torch.Tensor], torch.Tensor],   # from outputs to probabilities
                   transforms: bool | str | list[str] = 'hflip',   # a preset ('none', 'hflip', 'vflip', 'flips', 'd4'; True/False) or D4 names
                   scales: tuple[float, ...] = (1.0,),       # input scales; each prediction is resized back
-                  merge: str = 'mean'                       # 'mean' of probabilities, or 'gmean' (geometric)
+                  merge: str = 'mean',                      # 'mean' of probabilities, or 'gmean' (geometric)
+                  pass_pixels: int | None = None            # transformed copies stacked per forward pass up to this many pixels (None: `PASS_PIXELS`; 1: one pass per transform)
                   ) -> torch.Tensor:
-    "Probabilities for `x` averaged over every transform (exactly undone) at every scale."
+    "Probabilities for `x` averaged over every transform (exactly undone) at every scale, copies of one shape stacked into shared passes."
     names = tta_transforms(transforms)
     check_tta_scales(scales, merge)
     total, count, size = None, 0, x.shape[-2:]
     with torch.no_grad():
         for scale in scales:
             scaled = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=False)
-            for name in names:
-                probabilities = invert_transform(activation(model(apply_transform(scaled, name))), name)
-                if scale != 1: probabilities = F.interpolate(probabilities, size=size, mode='bilinear', align_corners=False)
-                term = probabilities if merge == 'mean' else probabilities.clamp_min(1e-7).log()
-                total, count = term if total is None else total + term, count + 1
+            for group in _passes(names, scaled.shape, transforms_per_pass(scaled, pass_pixels)):
+                copies = [apply_transform(scaled, name) for name in group]
+                outputs = activation(model(copies[0] if len(copies) == 1 else torch.cat(copies))).split(len(scaled))
+                for name, output in zip(group, outputs):
+                    probabilities = invert_transform(output, name)
+                    if scale != 1: probabilities = F.interpolate(probabilities, size=size, mode='bilinear', align_corners=False)
+                    term = probabilities if merge == 'mean' else probabilities.clamp_min(1e-7).log()
+                    total, count = term if total is None else total + term, count + 1
     if merge == 'mean': return total / count
     merged = (total / count).exp()
     return merged / merged.sum(1, keepdim=True) if activation is OUTPUT_ACTIVATIONS['softmax'] else merged
@@ -125,10 +146,13 @@ def tta(learn: Learner,                       # a trained learner
         merge: str = 'mean',                  # 'mean' or 'gmean' of the probabilities
         with_targets: bool = True,            # also return the targets, where the batches have them
         progress: bool = True,                # show a progress bar
-        inference: dict | None = None         # options of `inference_model` (fold_bn, channels_last, autocast, compile)
+        inference: dict | None = None,        # options of `inference_model` (fold_bn, channels_last, autocast, compile)
+        pass_pixels: int | None = None        # transformed copies stacked per forward pass up to this many pixels (None: `PASS_PIXELS`)
         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "Probabilities (N, C, H, W) averaged over `transforms` (each exactly undone) and `scales`, and the targets if `dl` has them."
-    tta_transforms(transforms)                # an unknown name refused before the first batch
+    tta_transforms(transforms)                # an unknown name, scale or budget refused before the first batch
+    check_tta_scales(scales, merge)
+    transforms_per_pass(torch.empty(1, 1, 1, 1), pass_pixels)
     dl = dl if dl is not None else learn.dls.valid
     activation = output_activation(learn.loss_func)
     options, model, probabilities, targets = dict(inference or {}), None, [], []
@@ -139,6 +163,6 @@ def tta(learn: Learner,                       # a trained learner
             example = options.pop('example', probe_input(learn.model))          # None for a model other than a MoreDynamicUnet
             if example is None: example = batch[0][:1]
             model = inference_model(learn.model, example=example, **{'device': batch[0].device, **options})
-        probabilities.append(transform_tta(model, batch[0], activation, transforms, scales, merge).cpu())
+        probabilities.append(transform_tta(model, batch[0], activation, transforms, scales, merge, pass_pixels).cpu())
         if with_targets and len(batch) > 1: targets.append(batch[1].cpu())
     return torch.cat(probabilities), (torch.cat(targets) if targets else None)

@@ -66,7 +66,12 @@ class UnetConfig:
         store_attr()
         self._check()
 
+    _SWITCHES = ('middle_attention', 'conv_before_upsample', 'blur', 'blur_final', 'attention_gates', 'hypercolumns', 'last_cross',
+                 'residual_head', 'bottle', 'deep_supervision', 'classifier')
+
     def _check(self) -> None:
+        for name in self._SWITCHES:          # 'yes' or 'False' would be truthy: a switch is True or False
+            if not isinstance(getattr(self, name), bool): raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.upsample not in UPSAMPLE_MODES: raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, not '{self.upsample}'")
         if self.attention not in (None, 'scse', 'self'): raise ValueError(f"attention must be None, 'scse' or 'self', not '{self.attention}'")
         if isinstance(self.decoder_widths, str) and self.decoder_widths not in ('halve', 'eq_skip'):

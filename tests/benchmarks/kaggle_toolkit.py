@@ -9,8 +9,11 @@ TTA (the TTA rows use the baseline's folds). Scores are out-of-fold:
   threshold 0.5, the classifier's gate at 0.5 (no image is empty there).
 
     python tests/benchmarks/kaggle_toolkit.py [--datasets salt isbi --seeds 0 1 --folds 5 --epochs N --n-images 100]
+        [--variants baseline 'EMA 0.999' --merge]
 
-Writes results/kaggle_toolkit.json and results/kaggle_toolkit.md (the README includes the table).
+Writes results/kaggle_toolkit.json and results/kaggle_toolkit.md (the README includes the table). With --merge, rows
+already in kaggle_toolkit.json for other (data set, seed, variant) stay, so a run can add what an earlier one left out;
+they must have been run with the same folds, epochs, architecture and number of images.
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ def score(dataset: str, probs: torch.Tensor, truths: torch.Tensor, nonempty: tor
     return dict(score=((masks & truths).sum() / (masks | truths).sum()).item())
 
 
-def run_dataset(dataset: str, seeds: list[int], folds: int, epochs: int | None, arch: str, n_images: int, workdir: Path) -> list[dict]:
+def run_dataset(dataset: str, seeds: list[int], folds: int, epochs: int | None, arch: str, n_images: int, workdir: Path,
+                variants: list[str]) -> list[dict]:
     from fastunet.learner.synthetic import make_synthetic_dataset
     from fastunet.pipeline.workflow import run_training
     options = DATASETS[dataset]
@@ -81,7 +85,8 @@ def run_dataset(dataset: str, seeds: list[int], folds: int, epochs: int | None, 
     for seed in seeds:
         data = (make_synthetic_dataset(workdir / f'salt_data_{seed}', n_images=n_images, size=(101, 101), seed=seed, empty_fraction=0.4)
                 if dataset == 'salt' else ISBI)
-        for variant, heads in VARIANTS.items():
+        for variant in variants:
+            heads = VARIANTS[variant]
             out = workdir / f'{dataset}_{seed}_{variant.replace(" ", "_")}'
             start = time.time()
             run_training(data, out, arch, folds, epochs, options['lr'], options['bs'], seed, options['mask_folder'],
@@ -135,18 +140,27 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--workdir', default=None, help='keep the runs here (default: a temporary folder)')
     parser.add_argument('--results', default=str(HERE / 'results'))
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--merge', action='store_true', help='keep the rows of kaggle_toolkit.json this run does not redo')
     args = parser.parse_args()
     if 'isbi' in args.datasets and not ISBI.exists(): raise SystemExit(f'ISBI 2012 data not found at {ISBI}')
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix='fastunet_toolkit_'))
+    settings = dict(datasets=args.datasets, folds=args.folds, epochs=args.epochs, arch=args.arch, n_images=args.n_images)
+    results = Path(args.results)
     rows = []
+    if args.merge:
+        earlier = json.loads((results / 'kaggle_toolkit.json').read_text())
+        different = {k: (v, settings[k]) for k, v in earlier['settings'].items() if k != 'datasets' and v != settings[k]}
+        if different: raise SystemExit(f'--merge: kaggle_toolkit.json was run with other settings (theirs, these): {different}')
+        redone = {(d, s, v) for d in args.datasets for s in (args.seeds if d == 'salt' else args.seeds[:1]) for v in args.variants}
+        rows = [r for r in earlier['rows'] if (r['dataset'], r['seed'], r['variant']) not in redone]
+        settings['datasets'] = [d for d in DATASETS if d in set(earlier['settings']['datasets']) | set(args.datasets)]
     for dataset in args.datasets:
         seeds = args.seeds if dataset == 'salt' else args.seeds[:1]      # ISBI: one seed (its 30 images take most of the time)
-        rows += run_dataset(dataset, seeds, args.folds, args.epochs, args.arch, args.n_images, workdir)
-    settings = dict(datasets=args.datasets, folds=args.folds, epochs=args.epochs, arch=args.arch, n_images=args.n_images)
+        rows += run_dataset(dataset, seeds, args.folds, args.epochs, args.arch, args.n_images, workdir, args.variants)
     markdown = table(rows, settings)
     print(markdown)
-    results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / 'kaggle_toolkit.json').write_text(json.dumps(dict(settings=settings, rows=rows), indent=1))
     (results / 'kaggle_toolkit.md').write_text(markdown + '\n')
