@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from fastai.vision.all import ColReader, DataBlock, Flip, ImageBlock, PILImageBW, Pipeline
 
 from conftest import fastunet_command
@@ -19,7 +20,7 @@ from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.records import load_fold_records, out_of_fold
 from fastunet.pipeline.splits import make_folds
-from fastunet.pipeline.submission import apply_threshold, rle_decode, search_class_thresholds
+from fastunet.pipeline.submission import ARGMAX_THRESHOLDS, apply_threshold, argmax_class_probabilities, rle_decode, search_class_thresholds
 from fastunet.pipeline.training import train_folds
 from fastunet.pipeline.workflow import list_images, run_prediction, run_training
 
@@ -117,18 +118,57 @@ def test_train_folds_takes_a_multilabel_datablock(labelled, tmp_path):
     assert out_of_fold(tmp_path, len(df)).shape == (16, 3, 48, 48)
 
 
-def test_multiclass_softmax_end_to_end_with_a_column_per_class(tmp_path):
+def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_per_class(tmp_path):
     data = make_synthetic_dataset(tmp_path / 'data', n_images=12, size=(48, 48), n_classes=3, seed=4)
-    run_training(data, tmp_path / 'run', 'resnet10t', 2, 1, 1e-3, 4, 0, classes=3)
+    models = tmp_path / 'run' / 'models'
+    report = run_training(data, tmp_path / 'run', 'resnet10t', 2, 2, 3e-3, 4, 0, classes=3)
+    chosen = json.loads((models / 'threshold.json').read_text())
+    # the thresholds and minimum areas of classes 1 and 2, recomputed from the out-of-fold softmax and the masks
+    folds = pd.read_csv(tmp_path / 'run' / 'folds.csv')
+    codes = torch.stack([torch.from_numpy(np.array(Image.open(data / 'masks' / Path(item).name))) for item in folds['item']])
+    won = argmax_class_probabilities(torch.from_numpy(out_of_fold(models, len(folds)).astype(np.float32)))
+    thresholds, min_areas, score = search_class_thresholds(won, torch.stack([codes == c for c in (1, 2)], 1),
+                                                           thresholds=ARGMAX_THRESHOLDS, min_areas=(0, 10, 25, 50))
+    assert (chosen['thresholds'], chosen['min_areas']) == (thresholds, min_areas)
+    assert report['oof_dice'] == pytest.approx(score)
     images = list_images(data / 'images')
-    csv = run_prediction(tmp_path / 'run' / 'models', images, tmp_path / 'wide.csv', wide=True)
+    probs = FoldEnsemble.from_dir(models, device='cpu').predict(images, bs=4, progress=False)
+    won = argmax_class_probabilities(probs)
+    csv = run_prediction(models, images, tmp_path / 'wide.csv', wide=True)
     wide = pd.read_csv(csv, keep_default_na=False, dtype=str)
     assert list(wide.columns) == ['id', '1', '2']
-    probs = FoldEnsemble.from_dir(tmp_path / 'run' / 'models', device='cpu').predict(images, bs=4, progress=False)
     for i in range(len(images)):
-        for c in (1, 2): np.testing.assert_array_equal(rle_decode(wide[str(c)][i], (48, 48)), (probs[i].argmax(0) == c).numpy())
-    with pytest.raises(ValueError, match='--threshold and --min-area apply to binary and multi-label models'):
-        run_prediction(tmp_path / 'run' / 'models', images, tmp_path / 'x.csv', threshold=0.3)
+        for c in (1, 2):
+            expected = apply_threshold(won[i, c - 1][None], thresholds[c - 1], min_areas[c - 1])[0]
+            np.testing.assert_array_equal(rle_decode(wide[str(c)][i], (48, 48)), expected.numpy())
+    # --threshold 0 --min-area 0: the plain argmax, as before thresholds were chosen (and for a run without threshold.json)
+    plain = pd.read_csv(run_prediction(models, images, tmp_path / 'plain.csv', threshold=0., min_area=0), keep_default_na=False, dtype=str)
+    (models / 'threshold.json').unlink()
+    assert pd.read_csv(run_prediction(models, images, tmp_path / 'old.csv'), keep_default_na=False, dtype=str).equals(plain)
+    for i, image in enumerate(images):
+        for c in (1, 2):
+            row = plain.set_index('id').loc[f'{image.stem}_{c}', 'rle_mask']
+            np.testing.assert_array_equal(rle_decode(row, (48, 48)), (probs[i].argmax(0) == c).numpy())
+    with pytest.raises(ValueError, match='--threshold and --min-area with --tile apply to binary models'):
+        run_prediction(models, images, tmp_path / 'x.csv', threshold=0.3, tile=32)
+
+
+def test_multiclass_with_the_empty_mask_classifier_chooses_and_applies_its_threshold(tmp_path):
+    data = make_synthetic_dataset(tmp_path / 'data', n_images=16, size=(48, 48), n_classes=3, seed=4, empty_fraction=0.25)
+    models = tmp_path / 'run' / 'models'
+    run_training(data, tmp_path / 'run', 'resnet10t', 2, 6, 1e-2, 4, 0, classes=3, classifier=True)
+    chosen = json.loads((models / 'threshold.json').read_text())
+    assert 0 <= chosen['classifier_threshold'] <= 1 and len(chosen['thresholds']) == 2
+    images = list_images(data / 'images')
+    read = lambda path: pd.read_csv(path, keep_default_na=False, dtype=str)
+    argmax = dict(threshold=0., min_area=0)       # the plain argmax: masks however little trained the model is
+    ungated = read(run_prediction(models, images, tmp_path / 'ungated.csv', classifier_threshold=0., **argmax)).set_index('id')
+    probs = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=0.).predict(images, bs=4, progress=False)
+    for i, image in enumerate(images):
+        for c in (1, 2): np.testing.assert_array_equal(rle_decode(ungated.loc[f'{image.stem}_{c}', 'rle_mask'], (48, 48)), (probs[i].argmax(0) == c).numpy())
+    assert (ungated.rle_mask != '').any()                  # six epochs: some class wins some pixels
+    gated = read(run_prediction(models, images, tmp_path / 'gated.csv', classifier_threshold=1., **argmax))
+    assert (gated.rle_mask == '').all() and len(gated) == 2 * len(images)      # every image emptied, every class's row there
 
 
 def test_dice_scores_count_empty_against_empty_as_one():

@@ -18,8 +18,9 @@ from ..learner.multilabel import dice_scores
 from .files import atomic_write
 
 # %% auto #0
-__all__ = ['DEFAULT_THRESHOLDS', 'DEFAULT_CLASSIFIER_THRESHOLDS', 'rle_encode', 'rle_decode', 'apply_threshold',
-           'search_threshold', 'search_class_thresholds', 'write_submission']
+__all__ = ['DEFAULT_THRESHOLDS', 'DEFAULT_CLASSIFIER_THRESHOLDS', 'ARGMAX_THRESHOLDS', 'rle_encode', 'rle_decode',
+           'apply_threshold', 'search_threshold', 'search_class_thresholds', 'argmax_class_probabilities',
+           'write_submission']
 
 # %% ../../nbs/38_pipeline.submission.ipynb #4137e09c
 def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, width): boolean or 0/1, or probabilities with `threshold`
@@ -132,6 +133,18 @@ def search_class_thresholds(probs: torch.Tensor,            # one probability ma
     thresholds, min_areas = list(thresholds), list(min_areas)
     found = [search_threshold(probs[:, c], truths[:, c], score, thresholds, min_areas) for c in range(probs.shape[1])]
     return [t for t, _, _ in found], [a for _, a, _ in found], sum(s for _, _, s in found) / len(found)
+
+ARGMAX_THRESHOLDS = (0.,) + DEFAULT_THRESHOLDS     # for `argmax_class_probabilities`: 0 keeps every pixel the class wins
+
+def argmax_class_probabilities(probs: torch.Tensor   # softmax probabilities (N, C, H, W), class 0 the background
+                               ) -> torch.Tensor:
+    """Each class but the background (N, C-1, H, W): its probability where it wins the argmax, 0 elsewhere. Thresholded
+    (`apply_threshold`, `search_class_thresholds` with `ARGMAX_THRESHOLDS`), a class keeps the pixels it wins with more
+    than the threshold: the masks never overlap, and a threshold of 0 gives the plain argmax."""
+    if probs.ndim != 4 or probs.shape[1] < 2: raise ValueError(f"softmax probabilities (N, C ≥ 2, H, W) are needed; got {tuple(probs.shape)}")
+    winners = probs.argmax(1, keepdim=True)
+    codes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
+    return torch.where(winners == codes, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))[:, 1:]
 
 # %% ../../nbs/38_pipeline.submission.ipynb #49ea2bfb
 def write_submission(rows: Iterable[tuple[str, ...]],          # (id, rle) per image (or per image and class), or (id, rle of each class)

@@ -39,7 +39,8 @@ from .ensemble import FoldEnsemble
 from .files import atomic_write, remove_stale_temporaries
 from .records import out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
-from .submission import DEFAULT_CLASSIFIER_THRESHOLDS, apply_threshold, rle_encode, search_class_thresholds, search_threshold, write_submission
+from .submission import (ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, DEFAULT_THRESHOLDS, apply_threshold, argmax_class_probabilities,
+                                          rle_encode, search_class_thresholds, search_threshold, write_submission)
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
 from .tta import check_tta_scales, tta_transforms
 from .training import check_learning_rate, check_whole, train_folds
@@ -125,23 +126,36 @@ def _channels(images: list[Path]) -> int:
         except Exception as e: error = e     # noqa: BLE001: any file that does not open is reported by the check
     raise ValueError(f"none of the {len(images)} files in '{images[0].parent}' opens as an image, e.g. '{images[0]}' ({error})")
 
-def _choose_label_thresholds(models: Path, df: pd.DataFrame, labels: list[str], mask_folder: str) -> dict:
-    """Each label's threshold and minimum area, chosen on the out-of-fold sigmoids by the per-image Dice (1 where both are
-    empty); then, with an empty-mask classifier, the image-level threshold below which every label of an image is emptied."""
-    oof = torch.from_numpy(out_of_fold(models, len(df)).astype(np.float32))
-    reader = MultiLabelMasks(labels, mask_folder)
-    truths = torch.stack([torch.from_numpy(reader.labels(p)) for p in df['item']])
-    thresholds, min_areas, score = search_class_thresholds(oof, truths, min_areas=(0, 10, 25, 50))
-    chosen = dict(labels=labels, thresholds=thresholds, min_areas=min_areas)
-    nonempty = out_of_fold_nonempty(models, len(df))
-    if nonempty is not None:     # per image: its labels' mean Dice as thresholded, or that of all labels emptied
-        masks = torch.stack([apply_threshold(oof[:, c], thresholds[c], min_areas[c]) for c in range(len(labels))], 1)
-        kept = dice_scores(masks.flatten(0, 1), truths.flatten(0, 1)).view(len(df), -1).mean(1)
+def _choose_class_thresholds(models: Path, n_images: int, probs: torch.Tensor, truths: torch.Tensor, thresholds=DEFAULT_THRESHOLDS) -> dict:
+    """Each class's threshold and minimum area, chosen on its out-of-fold map (N, C, H, W) by the per-image Dice (1 where
+    both are empty); then, with an empty-mask classifier, the image-level threshold below which every class of an image is emptied."""
+    thresholds, min_areas, score = search_class_thresholds(probs, truths, thresholds=thresholds, min_areas=(0, 10, 25, 50))
+    chosen = dict(thresholds=thresholds, min_areas=min_areas)
+    nonempty = out_of_fold_nonempty(models, n_images)
+    if nonempty is not None:     # per image: its classes' mean Dice as thresholded, or that of all classes emptied
+        masks = torch.stack([apply_threshold(probs[:, c], thresholds[c], min_areas[c]) for c in range(probs.shape[1])], 1)
+        kept = dice_scores(masks.flatten(0, 1), truths.flatten(0, 1)).view(n_images, -1).mean(1)
         emptied = (truths.flatten(2).sum(-1) == 0).float().mean(1)
         scores = {c: torch.where(torch.from_numpy(nonempty) >= c, kept, emptied).mean().item() for c in DEFAULT_CLASSIFIER_THRESHOLDS}
         chosen['classifier_threshold'] = max(scores, key=lambda c: (scores[c], -c))    # the lowest of the best
         score = scores[chosen['classifier_threshold']]
     return dict(chosen, score=score)
+
+def _choose_label_thresholds(models: Path, df: pd.DataFrame, labels: list[str], mask_folder: str) -> dict:
+    "A multi-label run's thresholds, on the out-of-fold sigmoids (`_choose_class_thresholds`), with its label names."
+    oof = torch.from_numpy(out_of_fold(models, len(df)).astype(np.float32))
+    reader = MultiLabelMasks(labels, mask_folder)
+    truths = torch.stack([torch.from_numpy(reader.labels(p)) for p in df['item']])
+    return dict(labels=labels, **_choose_class_thresholds(models, len(df), oof, truths))
+
+def _choose_multiclass_thresholds(models: Path, df: pd.DataFrame, mask_folder: str, n_classes: int) -> dict:
+    """A softmax run's thresholds: each class but the background keeps the pixels it wins by more than its threshold (0:
+    the argmax), and is emptied below its minimum area (`argmax_class_probabilities`)."""
+    won = argmax_class_probabilities(torch.from_numpy(out_of_fold(models, len(df)).astype(np.float32)))
+    mask_of = MaskFromFolder(mask_folder)
+    codes = torch.stack([torch.from_numpy(mask_of.array(p)) for p in df['item']])
+    truths = torch.stack([codes == c for c in range(1, n_classes)], 1)
+    return _choose_class_thresholds(models, len(df), won, truths, ARGMAX_THRESHOLDS)
 
 def run_training(data: Path,                    # folder with images/ and the mask folder
                  out: Path,                     # folder for folds.csv and models/ (run record, fold weights and records, threshold.json)
@@ -207,8 +221,9 @@ def run_training(data: Path,                    # folder with images/ and the ma
     report = dict(cv=cv.to_dict(orient='records'))
     # every fold done, OOF predictions at full size (not crops or resized): choose the thresholds on all of them
     whole = len(cv) == n_folds and crop is None and resize is None and is_main_process()
-    if whole and multilabel:
-        chosen = _choose_label_thresholds(out / 'models', df, labels, mask_folder)
+    if whole and not binary:
+        chosen = (_choose_label_thresholds(out / 'models', df, labels, mask_folder) if multilabel else
+                  _choose_multiclass_thresholds(out / 'models', df, mask_folder, classes))
         report.update(oof_dice=chosen.pop('score'), **chosen)
         chosen['run_id'] = read_run(out / 'models')['run_id']
         atomic_write(out / 'models' / 'threshold.json', lambda p: p.write_text(json.dumps(chosen)))
@@ -230,12 +245,14 @@ def run_training(data: Path,                    # folder with images/ and the ma
     return report
 
 # %% ../../nbs/39_pipeline.workflow.ipynb #4df259fe
-def _chosen_threshold(models: Path, run: dict | None, n_labels: int | None = None) -> dict:
-    """The threshold and minimum area chosen on this run's out-of-fold predictions (0.5 and 0 where none was chosen);
-    for a multi-label run (`n_labels`), the 'thresholds' and 'min_areas' of each label."""
+def _chosen_threshold(models: Path, run: dict | None, n_labels: int | None = None, default_threshold: float = 0.5) -> dict:
+    """The threshold and minimum area chosen on this run's out-of-fold predictions (`default_threshold` and 0 where none
+    was chosen); for a run with classes (`n_labels`: labels, or softmax classes but the background), 'thresholds' and 'min_areas' of each."""
     path = models / 'threshold.json'
     keys = ('threshold', 'min_area') if n_labels is None else ('thresholds', 'min_areas')
-    if not path.exists(): return dict(threshold=0.5, min_area=0) if n_labels is None else dict(thresholds=[0.5] * n_labels, min_areas=[0] * n_labels)
+    if not path.exists():
+        return (dict(threshold=default_threshold, min_area=0) if n_labels is None else
+                dict(thresholds=[default_threshold] * n_labels, min_areas=[0] * n_labels))
     try: chosen = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: chosen = e
     if (not isinstance(chosen, dict) or not set(keys) <= set(chosen)
@@ -331,19 +348,26 @@ def run_prediction(models: Path,                   # folder of fold records and 
     defined_labels = (run or {}).get('definition', {}).get('labels') or _saved_labels(models)    # a --multilabel run (one label is one too)
     multilabel = defined_labels is not None or (n_out > 1 and ensemble.record['activation'] == 'sigmoid')      # a sigmoid per label
     labels = defined_labels or [str(c) for c in range(1, n_out + 1)]
-    saved = _chosen_threshold(models, run, n_out if multilabel else None) if n_out == 1 or multilabel else {}
-    if n_out == 1 and not multilabel:
+    binary = n_out == 1 and not multilabel
+    n_classes = n_out if multilabel else n_out - 1       # the classes with masks of their own (softmax: all but the background)
+    if tile is not None and not binary and (threshold is not None or min_area is not None):
+        raise ValueError("--threshold and --min-area with --tile apply to binary models: tiles of a model with classes are labelled by argmax")
+    # a softmax run made before its thresholds were chosen: 0, the plain argmax
+    saved = _chosen_threshold(models, run, None if binary else n_classes, 0.5 if binary or multilabel else 0.)
+    if binary:
         threshold = saved['threshold'] if threshold is None else threshold
         min_area = saved['min_area'] if min_area is None else min_area
-    elif multilabel:                                     # --threshold / --min-area: the same for every label
-        thresholds = saved['thresholds'] if threshold is None else [threshold] * n_out
-        min_areas = saved['min_areas'] if min_area is None else [min_area] * n_out
-    elif threshold is not None or min_area: raise ValueError('--threshold and --min-area apply to binary and multi-label models; this one has classes (softmax)')
+    else:                                                # --threshold / --min-area: the same for every class
+        thresholds = saved['thresholds'] if threshold is None else [threshold] * n_classes
+        min_areas = saved['min_areas'] if min_area is None else [min_area] * n_classes
+        if tile is not None and (any(thresholds) or any(min_areas)):
+            print(f"tiles are labelled by argmax: the thresholds and minimum areas chosen per class in training ({thresholds}, "
+                  f"{min_areas}) are not applied")
     if ensemble.has_classifier and classifier_threshold is None and tile is not None:
         print("the empty-mask classifier judged whole images in training: it is not used on tiles")
     elif ensemble.has_classifier and classifier_threshold is None and 'classifier_threshold' not in saved:
         print(f"the empty-mask classifier's threshold was not chosen in training ({models / 'threshold.json'} has none: crops, "
-              f"resized images or classes): it is not used; pass --classifier-threshold to use it")
+              f"or resized images): it is not used; pass --classifier-threshold to use it")
     if not ensemble.has_classifier and classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
                                                 f"those in '{models}' have none")
     names = labels if multilabel else [None] if n_out == 1 else [str(c) for c in range(1, n_out)]
@@ -365,7 +389,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
         "(class name, its mask) per class of one image: the foreground, each label, or each class but the background."
         if multilabel: return [(name, apply_threshold(probs[c][None], thresholds[c], min_areas[c])[0]) for c, name in enumerate(labels)]
         if n_out == 1: return [(None, apply_threshold(probs[-1][None], threshold, min_area)[0])]
-        return [(str(c), probs.argmax(0) == c) for c in range(1, n_out)]
+        won = argmax_class_probabilities(probs[None])[0]        # each class where it wins the argmax, by more than its threshold
+        return [(str(c), apply_threshold(won[c - 1][None], thresholds[c - 1], min_areas[c - 1])[0]) for c in range(1, n_out)]
     if wide: rows = ((image_id(item), *(rle_encode(mask) for _, mask in masks(probs))) for item, probs in predictions)
     else: rows = ((image_id(item) if name is None else f'{image_id(item)}_{name}', rle_encode(mask))    # a row per image and class
                   for item, probs in predictions for name, mask in masks(probs))
