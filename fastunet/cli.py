@@ -95,8 +95,8 @@ def predict(models: str,                # folder of fold records and weights (fa
             out: str = 'submission.csv',  # the submission file
             bs: int = 8,                # batch size
             no_tta: bool = False,       # no TTA (the same as --tta none)
-            threshold: float = None,    # probability threshold (default: the one chosen on out-of-fold predictions)
-            min_area: int = None,       # empty masks smaller than this (default: chosen with the threshold)
+            threshold: float = None,    # probability threshold, for every class (default: each one chosen on out-of-fold predictions; softmax classes: 0 is the plain argmax)
+            min_area: int = None,       # empty masks smaller than this, for every class (default: chosen with the threshold)
             folds: str = None,          # ensemble only these folds, e.g. '0,2,4' (default: every fold of the run)
             workers: int = None,        # background processes reading images (default: ≤ 4; half the cores with a GPU, free cores on CPU; 0: none)
             no_autocast: bool = False,  # on CUDA, predict in float32 instead of float16
