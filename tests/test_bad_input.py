@@ -500,7 +500,7 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(trained_run, tm
 # ---------------------------------------------------------------- the fixes the data check names work
 
 def test_classes_named_by_the_check_train_and_predict_a_row_per_class(data_factory, tmp_path, capsys):
-    "Masks of codes 0..2 are refused with two classes ('pass --classes 3'); with --classes 3 they train, and the submission has a row per image and class."
+    "Masks of codes 0..2 are refused with two classes ('pass --classes 3'); with --classes 3 they train, and the submission has a row per image and class, thresholded as asked."
     data = data_factory(1, 3, size=(32, 32), n_images=8)
     out = tmp_path / 'run'
     code, err = run_cli(['train', str(data), '--out', str(out), '--arch', 'resnet10t', '--epochs', '1', '--bs', '2', '--folds', '2'], capsys)
@@ -511,11 +511,14 @@ def test_classes_named_by_the_check_train_and_predict_a_row_per_class(data_facto
     record = json.loads(fold_paths(out / 'models', 0)['record'].read_text())
     assert record['n_out'] == 3 and record['activation'] == 'softmax' and record['monitor'] == 'dice_multi'
     test = images_of(data)[:2]
-    submission = run_prediction(out / 'models', test, tmp_path / 's.csv')
+    submission = run_prediction(out / 'models', test, tmp_path / 's.csv', threshold=0., min_area=0)     # 0: the plain argmax
     ids = [line.split(',')[0] for line in submission.read_text().splitlines()[1:]]
     assert ids == [f'{p.stem}_{c}' for p in test for c in (1, 2)]
     probs = FoldEnsemble.from_dir(out / 'models', device='cpu').predict(test, progress=False)
     rows = dict(line.split(',') for line in submission.read_text().splitlines()[1:])
     for image, image_probs in zip(test, probs):                         # each class's row is where it wins the argmax
         for c in (1, 2): np.testing.assert_array_equal(rle_decode(rows[f'{image.stem}_{c}'], (32, 32)), (image_probs.argmax(0) == c).numpy())
-    with pytest.raises(ValueError, match='apply to binary and multi-label models'): run_prediction(out / 'models', test, tmp_path / 't.csv', threshold=0.5)
+    confident = dict(line.split(',') for line in run_prediction(out / 'models', test, tmp_path / 't.csv', threshold=0.5).read_text().splitlines()[1:])
+    for image, image_probs in zip(test, probs):                         # --threshold 0.5: where it wins with more than 0.5
+        for c in (1, 2): np.testing.assert_array_equal(rle_decode(confident[f'{image.stem}_{c}'], (32, 32)),
+                                                       ((image_probs.argmax(0) == c) & (image_probs[c] > 0.5)).numpy())
