@@ -111,14 +111,15 @@ def predict(models: str,                # folder of fold records and weights (fa
             classifier_threshold: float = None,  # folds trained with --classifier: images it rates below this are empty (default: the one chosen in training, else none; 0: none)
             wide: bool = False,         # models with classes: one row per image with a column per class (default: a row per image and class)
             header: str = None,         # the submission's column names, e.g. 'ImageId_ClassId,EncodedPixels' (default: id,rle_mask; --wide: id and the classes)
-            id_with_suffix: bool = False):  # ids keep the image's file ending: 'x.jpg' and 'x.jpg_1' (Severstal, Understanding Clouds) instead of 'x
+            id_with_suffix: bool = False,  # ids keep the image's file ending: 'x.jpg' and 'x.jpg_1' (Severstal, Understanding Clouds) instead of 'x'
+            tta_pass_pixels: int = None):   # TTA copies stacked per forward pass up to this many pixels (default: 2**19 on CPU, 2**21 on a GPU; 1: one pass per transform, the least memory)
     "Ensemble every fold with flip TTA and write a Kaggle submission (id, rle_mask)."
     if tile is None and (overlap != '0.25' or tile_batch != 8 or blend != 'gaussian'):
         raise ValueError('--overlap, --tile-batch and --blend set how tiles are predicted: pass --tile too (e.g. --tile 1024)')
     files = list_images(images, IMAGE_SUFFIXES + (('.npy',) if tile else ()))     # arrays are read by windows with --tile
     path = run_prediction(Path(models), files, Path(out), bs, 'none' if no_tta else tta, threshold, min_area, _fold_list(folds), workers,
                           not no_autocast, compile, tile, _overlap(overlap), tile_batch, blend, _scales(tta_scales), tta_merge,
-                          classifier_threshold, wide, None if header is None else header.split(','), id_with_suffix)
+                          classifier_threshold, wide, None if header is None else header.split(','), id_with_suffix, tta_pass_pixels)
     print(f'wrote {path} ({len(files)} images)')
     return path
 

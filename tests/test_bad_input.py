@@ -127,6 +127,7 @@ def test_bad_training_arguments_are_refused_before_anything_is_written(data_fact
     (['--tta-scales', '0.75,x'], '--tta-scales takes factors separated by commas'),
     (['--tta-scales', '0,1'], 'scales are positive factors'),
     (['--tta-merge', 'median'], "merge must be 'mean' or 'gmean'"),
+    (['--tta-pass-pixels', '0'], '--tta-pass-pixels: pass_pixels is the most pixels (images × height × width) one forward pass takes'),
     (['--classifier-threshold', '1.5'], '--classifier-threshold must be a probability in [0, 1], not 1.5'),
     (['--classifier-threshold', '0.5'], '--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier)'),
     (['--wide'], '--wide writes a column per class, and this model has one (binary)'),

@@ -20,7 +20,7 @@ from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.records import load_fold_records, out_of_fold
 from fastunet.pipeline.splits import make_folds
-from fastunet.pipeline.submission import ARGMAX_THRESHOLDS, apply_threshold, argmax_class_probabilities, rle_decode, search_class_thresholds
+from fastunet.pipeline.submission import ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, apply_threshold, argmax_class_probabilities, rle_decode, search_class_thresholds
 from fastunet.pipeline.training import train_folds
 from fastunet.pipeline.workflow import list_images, run_prediction, run_training
 
@@ -134,7 +134,7 @@ def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_pe
     images = list_images(data / 'images')
     probs = FoldEnsemble.from_dir(models, device='cpu').predict(images, bs=4, progress=False)
     won = argmax_class_probabilities(probs)
-    csv = run_prediction(models, images, tmp_path / 'wide.csv', wide=True)
+    csv = run_prediction(models, images, tmp_path / 'wide.csv', wide=True, bs=4)
     wide = pd.read_csv(csv, keep_default_na=False, dtype=str)
     assert list(wide.columns) == ['id', '1', '2']
     for i in range(len(images)):
@@ -142,9 +142,9 @@ def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_pe
             expected = apply_threshold(won[i, c - 1][None], thresholds[c - 1], min_areas[c - 1])[0]
             np.testing.assert_array_equal(rle_decode(wide[str(c)][i], (48, 48)), expected.numpy())
     # --threshold 0 --min-area 0: the plain argmax, as before thresholds were chosen (and for a run without threshold.json)
-    plain = pd.read_csv(run_prediction(models, images, tmp_path / 'plain.csv', threshold=0., min_area=0), keep_default_na=False, dtype=str)
+    plain = pd.read_csv(run_prediction(models, images, tmp_path / 'plain.csv', threshold=0., min_area=0, bs=4), keep_default_na=False, dtype=str)
     (models / 'threshold.json').unlink()
-    assert pd.read_csv(run_prediction(models, images, tmp_path / 'old.csv'), keep_default_na=False, dtype=str).equals(plain)
+    assert pd.read_csv(run_prediction(models, images, tmp_path / 'old.csv', bs=4), keep_default_na=False, dtype=str).equals(plain)
     for i, image in enumerate(images):
         for c in (1, 2):
             row = plain.set_index('id').loc[f'{image.stem}_{c}', 'rle_mask']
@@ -158,17 +158,25 @@ def test_multiclass_with_the_empty_mask_classifier_chooses_and_applies_its_thres
     models = tmp_path / 'run' / 'models'
     run_training(data, tmp_path / 'run', 'resnet10t', 2, 6, 1e-2, 4, 0, classes=3, classifier=True)
     chosen = json.loads((models / 'threshold.json').read_text())
-    assert 0 <= chosen['classifier_threshold'] <= 1 and len(chosen['thresholds']) == 2
+    assert chosen['classifier_threshold'] in DEFAULT_CLASSIFIER_THRESHOLDS and len(chosen['thresholds']) == 2
     images = list_images(data / 'images')
-    read = lambda path: pd.read_csv(path, keep_default_na=False, dtype=str)
-    argmax = dict(threshold=0., min_area=0)       # the plain argmax: masks however little trained the model is
-    ungated = read(run_prediction(models, images, tmp_path / 'ungated.csv', classifier_threshold=0., **argmax)).set_index('id')
-    probs = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=0.).predict(images, bs=4, progress=False)
-    for i, image in enumerate(images):
-        for c in (1, 2): np.testing.assert_array_equal(rle_decode(ungated.loc[f'{image.stem}_{c}', 'rle_mask'], (48, 48)), (probs[i].argmax(0) == c).numpy())
-    assert (ungated.rle_mask != '').any()                  # six epochs: some class wins some pixels
-    gated = read(run_prediction(models, images, tmp_path / 'gated.csv', classifier_threshold=1., **argmax))
-    assert (gated.rle_mask == '').all() and len(gated) == 2 * len(images)      # every image emptied, every class's row there
+    ungated = FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=0.)
+    probs = ungated.predict(images, bs=4, progress=False)
+    batch = torch.stack([torch.from_numpy(np.array(Image.open(p)))[None] for p in images])
+    nonempty = ungated.nonempty_probabilities(batch)
+    read = lambda path: pd.read_csv(path, keep_default_na=False, dtype=str).set_index('id')
+    argmax = dict(threshold=0., min_area=0, bs=4)      # the plain argmax: every class's pixels, however little the model learnt
+    cut = float(nonempty.sort().values[len(images) // 2])              # about half the images below it
+    for name, gate, expected_cut in (('chosen', {}, chosen['classifier_threshold']), ('cut', dict(classifier_threshold=cut), cut),
+                                     ('off', dict(classifier_threshold=0.), 0.)):
+        rows = read(run_prediction(models, images, tmp_path / f'{name}.csv', **argmax, **gate))
+        for i, image in enumerate(images):
+            kept = bool(nonempty[i] >= expected_cut)
+            for c in (1, 2):
+                expected = (probs[i].argmax(0) == c) & kept
+                np.testing.assert_array_equal(rle_decode(rows.loc[f'{image.stem}_{c}', 'rle_mask'], (48, 48)), expected.numpy())
+    assert (nonempty < cut).any() and (nonempty >= cut).any()
+    assert (read(tmp_path / 'off.csv').rle_mask != '').any()          # six epochs: some class wins some pixels
 
 
 def test_dice_scores_count_empty_against_empty_as_one():

@@ -105,6 +105,8 @@ def more_dynamic_unet_learner(
             raise ValueError(f"{name} weighs the loss of the {option} head: pass {option}=True too, or leave {name} out")
         if head is not None and weight == 0:        # a head weighted 0 would get no gradient, which DDP refuses
             raise ValueError(f"{name}=0 trains nothing in its head: leave out {option}=True instead")
+    if isinstance(loss_func, MultiHeadLoss) and (auxiliary_loss_weight is not None or classifier_loss_weight is not None):
+        raise ValueError("loss_func is a MultiHeadLoss, which has its own weights: set them there, or leave out auxiliary_loss_weight and classifier_loss_weight")
     if (model.auxiliary is not None or model.classifier is not None) and not isinstance(loss_func, MultiHeadLoss):
         weights = {name: weight for _, weight, name, _ in heads if weight is not None}      # the others: MultiHeadLoss's defaults
         loss_func = MultiHeadLoss(loss_func, **weights)      # the heads' outputs weighed in training

@@ -22,7 +22,7 @@ from ..encoders.registry import resolve_arch
 from ..learner.data import image_array
 from .records import fold_paths, load_fold_records
 from .inference import _unwrap, inference_model
-from .tta import OUTPUT_ACTIVATIONS, check_tta_scales, transform_tta, tta_transforms
+from .tta import OUTPUT_ACTIVATIONS, check_tta_scales, transform_tta, transforms_per_pass, tta_transforms
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
 
@@ -81,8 +81,10 @@ class FoldEnsemble:
                  fold_bn: bool = True,                          # fold batch norm into the convolutions (same outputs within 1e-4)
                  tta_scales: tuple[float, ...] = (1.0,),        # TTA input scales, each prediction resized back (e.g. (0.75, 1.0, 1.25))
                  tta_merge: str = 'mean',                       # 'mean' or 'gmean' of the TTA probabilities
-                 classifier_threshold: float | None = None):    # models with an empty-mask classifier: images it rates below this get probability 0 (None or 0: not used; `from_dir`: the chosen one)
+                 classifier_threshold: float | None = None,     # models with an empty-mask classifier: images it rates below this get probability 0 (None or 0: not used; `from_dir`: the chosen one)
+                 tta_pass_pixels: int | None = None):           # TTA copies stacked per forward pass up to this many pixels (None: `PASS_PIXELS`; 1: one pass per transform, the least memory)
         check_tta_scales(tta_scales, tta_merge)
+        transforms_per_pass(torch.empty(1, 1, 1, 1), tta_pass_pixels)      # a bad budget refused before the first batch
         if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
             raise ValueError(f"classifier_threshold must be a probability in [0, 1] (or None), not {classifier_threshold!r}")
         self.has_classifier = all(getattr(_unwrap(m), 'classifier', None) is not None for m in models)
@@ -90,7 +92,7 @@ class FoldEnsemble:
             raise ValueError(f"classifier_threshold={classifier_threshold} needs folds with an empty-mask classifier (trained with "
                              "classifier=True); these have none: leave it None")
         self.classifier_threshold = classifier_threshold if self.has_classifier else None
-        self.tta_scales, self.tta_merge = tuple(tta_scales), tta_merge
+        self.tta_scales, self.tta_merge, self.tta_pass_pixels = tuple(tta_scales), tta_merge, tta_pass_pixels
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         # each fold as an `inference_model`: batch norm folded, the device's memory format; `.model` is the folded network
         self.models = [inference_model(m, device=self.device, fold_bn=fold_bn, autocast=autocast, compile=compile) for m in models]
@@ -105,7 +107,7 @@ class FoldEnsemble:
                  model_dir: str | Path,                    # a run folder written by `train_folds`
                  device=None,                              # where to run the models (default: CUDA if there is one)
                  folds: Sequence[int] | None = None,       # only these folds (default: every fold of the run, all finished)
-                 **kwargs                                  # `autocast`, `compile`, `fold_bn`, `tta_scales`, `tta_merge`, `classifier_threshold`: how to predict (see `FoldEnsemble`)
+                 **kwargs                                  # `autocast`, `compile`, `fold_bn`, `tta_scales`, `tta_merge`, `classifier_threshold`, `tta_pass_pixels`: how to predict (see `FoldEnsemble`)
                  ) -> FoldEnsemble:
         """Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused.
         With an empty-mask classifier and no `classifier_threshold`, the one `fastunet train` chose (`threshold.json`), else none."""
@@ -159,7 +161,7 @@ class FoldEnsemble:
             raise ValueError(f"images must be uint8 (0..255) or floats in [0, 1], not {x.dtype}: scale them to one of these")
         x = self._normalised(x)
         scales, merge = scales or self.tta_scales, merge or self.tta_merge
-        probs = sum(transform_tta(model, x, self.activation, tta, scales, merge) for model in self.models) / len(self.models)
+        probs = sum(transform_tta(model, x, self.activation, tta, scales, merge, self.tta_pass_pixels) for model in self.models) / len(self.models)
         if gate and self.classifier_threshold:      # images the classifier calls empty: probability 0 everywhere
             probs = probs * (self._nonempty(x) >= self.classifier_threshold).to(probs.dtype)[:, None, None, None]
         return probs

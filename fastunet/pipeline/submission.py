@@ -142,9 +142,9 @@ def argmax_class_probabilities(probs: torch.Tensor   # softmax probabilities (N,
     (`apply_threshold`, `search_class_thresholds` with `ARGMAX_THRESHOLDS`), a class keeps the pixels it wins with more
     than the threshold: the masks never overlap, and a threshold of 0 gives the plain argmax."""
     if probs.ndim != 4 or probs.shape[1] < 2: raise ValueError(f"softmax probabilities (N, C ≥ 2, H, W) are needed; got {tuple(probs.shape)}")
-    winners = probs.argmax(1, keepdim=True)
-    codes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
-    return torch.where(winners == codes, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))[:, 1:]
+    winners = probs.argmax(1, keepdim=True).to(torch.uint8 if probs.shape[1] <= 256 else torch.int64)   # out-of-fold maps are large
+    codes = torch.arange(1, probs.shape[1], device=probs.device, dtype=winners.dtype).view(1, -1, 1, 1)
+    return probs[:, 1:].clone().masked_fill_(winners != codes, 0)
 
 # %% ../../nbs/38_pipeline.submission.ipynb #49ea2bfb
 def write_submission(rows: Iterable[tuple[str, ...]],          # (id, rle) per image (or per image and class), or (id, rle of each class)

@@ -115,7 +115,7 @@ def iter_tiled(predict: Callable[[torch.Tensor], torch.Tensor],   # uint8 tiles 
                tile: int | tuple[int, int] = 512,     # tile side (or height, width) in pixels; an image that fits is predicted whole
                overlap: float | int = 0.25,           # overlap of neighbouring tiles: a fraction of the tile, or pixels
                blend: str = 'gaussian',               # 'gaussian' (a tile's centre counts most) or 'constant'
-               tile_batch: int = 8,                   # tiles per forward pass
+               tile_batch: int = 8,                   # tiles per forward pass (with TTA, times the transformed copies that fit `PASS_PIXELS`)
                reflect: bool = True                   # mirror the image around its border (half the overlap), so border pixels get context
                ) -> Iterator[tuple[int, np.ndarray]]:
     "Blended probabilities of `image` as (first row, rows (n_out, h, width)), top to bottom, as each row of tiles completes."
@@ -211,7 +211,7 @@ def predict_tiled(predictor,                          # a Learner, a FoldEnsembl
                   tile: int | tuple[int, int] = 512,  # tile side in pixels; an image that fits one is predicted whole
                   overlap: float | int = 0.25,        # a fraction of the tile, or pixels
                   blend: str = 'gaussian',            # 'gaussian' or 'constant'
-                  tile_batch: int = 8,                # tiles per forward pass
+                  tile_batch: int = 8,                # tiles per forward pass (with TTA, times the transformed copies that fit `PASS_PIXELS`)
                   reflect: bool = True,               # mirror the border (half the overlap)
                   tta: bool | str | list[str] = True, # TTA on every tile: True (horizontal flip), a preset ('d4', …) or D4 names
                   n_channels: int | None = None,      # the image channels the model takes (default: the predictor's `n_in`)

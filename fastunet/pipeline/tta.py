@@ -84,7 +84,7 @@ def check_tta_scales(scales: tuple[float, ...], merge: str = 'mean') -> None:
     if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
         raise ValueError(f"scales are positive factors such as (0.75, 1.0, 1.25), not {scales!r}")
 
-PASS_PIXELS = {'cpu': 2 ** 19, 'cuda': 2 ** 21}     # most pixels (images × height × width) one stacked forward pass takes, by device type
+PASS_PIXELS = {'cpu': 2 ** 19, 'cuda': 2 ** 21}     # most pixels (images × height × width) one stacked forward pass takes, by device type (CUDA's: not measured)
 
 def transforms_per_pass(x: torch.Tensor,                    # the batch (B, C, H, W) each transform is applied to
                         pass_pixels: int | None = None      # most pixels per pass (None: `PASS_PIXELS` of x's device, else the CPU's)

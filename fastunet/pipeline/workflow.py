@@ -37,12 +37,12 @@ from ..learner.metrics import BinaryIoU, TGSMetric, tgs_scores
 from ..learner.multilabel import MAX_LABELS, MultiLabelDice, MultiLabelLoss, MultiLabelMaskBlock, MultiLabelMasks, dice_scores
 from .ensemble import FoldEnsemble
 from .files import atomic_write, remove_stale_temporaries
-from .records import out_of_fold, out_of_fold_nonempty, read_run
+from .records import load_fold_records, out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
 from .submission import (ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, DEFAULT_THRESHOLDS, apply_threshold, argmax_class_probabilities,
                                           rle_encode, search_class_thresholds, search_threshold, write_submission)
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
-from .tta import check_tta_scales, tta_transforms
+from .tta import check_tta_scales, transforms_per_pass, tta_transforms
 from .training import check_learning_rate, check_whole, train_folds
 
 # %% auto #0
@@ -301,7 +301,7 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    out_csv: Path,                  # the submission file
                    bs: int = 8,                    # batch size
                    tta: bool | str = True,         # True: horizontal-flip TTA; a preset ('vflip', 'flips', 'd4'); False: none
-                   threshold: float | None = None, # probability threshold (default: the one in models/threshold.json, else 0.5)
+                   threshold: float | None = None, # probability threshold, for every class (default: each one in models/threshold.json, else 0.5; softmax classes: else 0, the plain argmax)
                    min_area: int | None = None,    # masks smaller than this are emptied (default: as the threshold)
                    folds: list[int] | None = None, # ensemble only these folds (default: every fold of the run)
                    num_workers: int | None = None, # background processes reading images (default: `default_workers`: ≤ 4, with a GPU half the cores, on CPU the free ones; 0: none)
@@ -309,20 +309,23 @@ def run_prediction(models: Path,                   # folder of fold records and 
                    compile: bool = False,          # `torch.compile` each fold's model
                    tile: int | None = None,        # predict by overlapping tiles of this side (images that fit one: whole); None: whole images
                    overlap: float | int = 0.25,    # with `tile`: overlap of neighbouring tiles, a fraction of the tile or pixels
-                   tile_batch: int = 8,            # with `tile`: tiles per forward pass
+                   tile_batch: int = 8,            # with `tile`: tiles per forward pass (with TTA, times the transformed copies that fit `tta_pass_pixels`)
                    blend: str = 'gaussian',        # with `tile`: 'gaussian' or 'constant' blending of overlapping tiles
                    tta_scales: tuple[float, ...] = (1.0,),   # TTA input scales (each prediction resized back)
                    tta_merge: str = 'mean',        # 'mean' or 'gmean' of the TTA probabilities
                    classifier_threshold: float | None = None,  # folds with an empty-mask classifier: images it rates below this are empty (default: the one chosen in training, else none; 0: none)
                    wide: bool = False,             # one row per image with a column per class, instead of a row per image and class
                    header: list[str] | None = None,# the submission's column names (default: id, rle_mask; wide: id and the class names)
-                   id_with_suffix: bool = False    # ids keep the image's file ending ('x.jpg', 'x.jpg_1' as Severstal and Clouds) instead of 'x'
+                   id_with_suffix: bool = False,   # ids keep the image's file ending ('x.jpg', 'x.jpg_1' as Severstal and Clouds) instead of 'x'
+                   tta_pass_pixels: int | None = None  # TTA copies stacked per forward pass up to this many pixels (None: `PASS_PIXELS`; 1: one pass per transform, the least memory)
                    ) -> Path:
     "Ensemble the folds with flip TTA and stream the RLE rows into `out_csv`: one per image, or per image and class."
     check_whole(bs, '--bs')
     check_whole(num_workers, '--workers', 0, optional=True)
     try: tta_transforms(tta); check_tta_scales(tta_scales, tta_merge)
     except ValueError as e: raise ValueError(f"--tta, --tta-scales or --tta-merge: {e}") from None
+    try: transforms_per_pass(torch.empty(1, 1, 1, 1), tta_pass_pixels)
+    except ValueError as e: raise ValueError(f"--tta-pass-pixels: {e}") from None
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"--threshold must be a probability in [0, 1], not {threshold}")
     if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
         raise ValueError(f"--classifier-threshold must be a probability in [0, 1], not {classifier_threshold}")
@@ -339,8 +342,11 @@ def run_prediction(models: Path,                   # folder of fold records and 
     # every fold of the run there, none from another: or a clear error
     if tile is not None and classifier_threshold:
         raise ValueError("--classifier-threshold with --tile: the empty-mask classifier judged whole images, and is not used on tiles")
+    if classifier_threshold and not load_fold_records(models, folds)[0]['config'].get('classifier'):
+        raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); those in '{models}' have none")
     ensemble = FoldEnsemble.from_dir(models, folds=folds, autocast=autocast, compile=compile, tta_scales=tta_scales, tta_merge=tta_merge,
-                                     classifier_threshold=classifier_threshold)    # None: the one chosen in training, else none
+                                     classifier_threshold=classifier_threshold,     # None: the one chosen in training, else none
+                                     tta_pass_pixels=tta_pass_pixels)
     run = read_run(models)
     resize = (run or {}).get('definition', {}).get('resize')
     size = None if resize is None else (resize, resize)
@@ -350,6 +356,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
     labels = defined_labels or [str(c) for c in range(1, n_out + 1)]
     binary = n_out == 1 and not multilabel
     n_classes = n_out if multilabel else n_out - 1       # the classes with masks of their own (softmax: all but the background)
+    if tile is not None and multilabel:
+        raise ValueError("--tile does not predict multi-label models yet: predict whole images (leave out --tile)")
     if tile is not None and not binary and (threshold is not None or min_area is not None):
         raise ValueError("--threshold and --min-area with --tile apply to binary models: tiles of a model with classes are labelled by argmax")
     # a softmax run made before its thresholds were chosen: 0, the plain argmax
@@ -367,9 +375,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
         print("the empty-mask classifier judged whole images in training: it is not used on tiles")
     elif ensemble.has_classifier and classifier_threshold is None and 'classifier_threshold' not in saved:
         print(f"the empty-mask classifier's threshold was not chosen in training ({models / 'threshold.json'} has none: crops, "
-              f"or resized images): it is not used; pass --classifier-threshold to use it")
-    if not ensemble.has_classifier and classifier_threshold: raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); "
-                                                f"those in '{models}' have none")
+              f"resized images, or classes trained before fastunet chose thresholds for them, which rerunning the training command "
+              f"does): it is not used; pass --classifier-threshold to use it")
     names = labels if multilabel else [None] if n_out == 1 else [str(c) for c in range(1, n_out)]
     if wide and names == [None]: raise ValueError("--wide writes a column per class, and this model has one (binary): leave out --wide")
     columns = 1 + len(names) if wide else 2
@@ -377,8 +384,8 @@ def run_prediction(models: Path,                   # folder of fold records and 
     if not all(header) or len(set(header)) != len(header): raise ValueError(f"--header names must be distinct and not empty: {list(header)}")
     if len(header) != columns: raise ValueError(f"--header names {len(header)} column(s), {list(header)}, but the rows have {columns}")
     def image_id(item) -> str: return Path(item).name if id_with_suffix else Path(item).stem
-    if tile is not None and (multilabel or columns > 2):
-        raise ValueError("--tile does not predict multi-label models, nor write --wide rows, yet: predict whole images (leave out --tile)")
+    if tile is not None and columns > 2:
+        raise ValueError("--tile does not write --wide rows yet: predict whole images (leave out --tile), or write a row per image and class")
     if tile is not None:
         if size is not None: raise ValueError(f"--tile predicts images at their own resolution, but this run trained on images resized "
                                               f"to {resize}×{resize}: predict without --tile (each image is resized as in training)")

@@ -70,8 +70,10 @@ class UnetConfig:
                  'residual_head', 'bottle', 'deep_supervision', 'classifier')
 
     def _check(self) -> None:
-        for name in self._SWITCHES:          # 'yes' or 'False' would be truthy: a switch is True or False
-            if not isinstance(getattr(self, name), bool): raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        for name in self._SWITCHES:          # 'yes' or 'False' would be truthy: a switch is True or False (numpy's too, from a sweep)
+            value = getattr(self, name)
+            if type(value).__name__ == 'bool_': setattr(self, name, value := bool(value))
+            if not isinstance(value, bool): raise ValueError(f"{name} must be True or False, not {value!r}")
         if self.upsample not in UPSAMPLE_MODES: raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, not '{self.upsample}'")
         if self.attention not in (None, 'scse', 'self'): raise ValueError(f"attention must be None, 'scse' or 'self', not '{self.attention}'")
         if isinstance(self.decoder_widths, str) and self.decoder_widths not in ('halve', 'eq_skip'):

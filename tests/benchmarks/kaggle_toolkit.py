@@ -111,21 +111,28 @@ def table(rows: list[dict], settings: dict) -> str:
     for variant, tta in order:
         cells = []
         for dataset in settings['datasets']:
-            here = frame[(frame.dataset == dataset) & (frame.variant == variant) & (frame.tta == tta)].score
-            base = frame[(frame.dataset == dataset) & (frame.variant == 'baseline') & (frame.tta == 'none')].score
+            rows_here = frame[(frame.dataset == dataset) & (frame.variant == variant) & (frame.tta == tta)]
+            here = rows_here.score
+            # the baseline over the same seeds: a delta never compares one seed's variant with another seed's baseline
+            base = frame[(frame.dataset == dataset) & (frame.variant == 'baseline') & (frame.tta == 'none') & frame.seed.isin(rows_here.seed)].score
             if here.empty: cells.append('–'); continue
             delta = here.mean() - base.mean()
-            cells.append(f'{here.mean():.4f} ({delta:+.4f})' if (variant, tta) != ('baseline', 'none') else f'{here.mean():.4f}')
+            per_seed = ''
+            if len(rows_here) > 1:     # each seed's own change: the spread the mean hides
+                baseline_by_seed = frame[(frame.dataset == dataset) & (frame.variant == 'baseline') & (frame.tta == 'none')].set_index('seed').score
+                per_seed = '; seeds ' + ', '.join(f'{r.score - baseline_by_seed[r.seed]:+.3f}' for r in rows_here.itertuples())
+            cells.append(f'{here.mean():.4f} ({delta:+.4f}{per_seed})' if (variant, tta) != ('baseline', 'none') else
+                         f'{here.mean():.4f}' + (f" (seeds {', '.join(f'{v:.3f}' for v in here)})" if len(here) > 1 else ''))
         lines.append(f'| {variant} | {tta} | ' + ' | '.join(cells) + ' |')
     seeds = frame.groupby('dataset').seed.nunique().to_dict()
     lines.append('')
     epochs = frame.groupby('dataset').epochs.first().to_dict()
     lines.append(f"{settings['folds']} folds of `{settings['arch']}` from scratch, one-cycle ("
                  f"{', '.join(f'{d}: {n} epochs' for d, n in epochs.items())}, the same for every variant), on "
-                 f"this machine's CPU; mean over {', '.join(f'{n} seed(s) for {d}' for d, n in seeds.items())} (each seed: its "
+                 f"this machine's CPU; mean over the seeds a row has, up to {', '.join(f'{n} for {d}' for d, n in seeds.items())} (each seed: its "
                  f"own folds, and for salt its own generated data set of {settings['n_images']} images). Δ: change from the "
-                 f"baseline without TTA." + (" The spread between seeds is in `kaggle_toolkit.json`." if max(seeds.values()) > 1 else
-                                             " One seed: how much another seed would move these figures was not measured."))
+                 f"baseline without TTA on the same seeds" + ("; where a row has several seeds, each seed's own Δ follows." if max(seeds.values()) > 1 else
+                                             ". One seed: how much another seed would move these figures was not measured."))
     return '\n'.join(lines)
 
 
@@ -150,6 +157,7 @@ def main():
     results = Path(args.results)
     rows = []
     if args.merge:
+        if not (results / 'kaggle_toolkit.json').exists(): raise SystemExit(f"--merge: no earlier results in {results}: run without --merge")
         earlier = json.loads((results / 'kaggle_toolkit.json').read_text())
         different = {k: (v, settings[k]) for k, v in earlier['settings'].items() if k != 'datasets' and v != settings[k]}
         if different: raise SystemExit(f'--merge: kaggle_toolkit.json was run with other settings (theirs, these): {different}')
