@@ -151,6 +151,9 @@ def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_pe
             np.testing.assert_array_equal(rle_decode(row, (48, 48)), (probs[i].argmax(0) == c).numpy())
     with pytest.raises(ValueError, match='--threshold and --min-area with --tile apply to binary models'):
         run_prediction(models, images, tmp_path / 'x.csv', threshold=0.3, tile=32)
+    (models / 'threshold.json').write_text(json.dumps(dict(thresholds=[0.1], min_areas=[0, 0])))
+    with pytest.raises(ValueError, match=r'thresholds and min_areas must be lists of 2 values, one per class'):
+        run_prediction(models, images, tmp_path / 'y.csv', bs=4)
 
 
 def test_multiclass_with_the_empty_mask_classifier_chooses_and_applies_its_threshold(tmp_path):

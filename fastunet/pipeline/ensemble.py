@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import json
 import multiprocessing
+import numbers
 import os
 
 import numpy as np
@@ -85,7 +86,8 @@ class FoldEnsemble:
                  tta_pass_pixels: int | None = None):           # TTA copies stacked per forward pass up to this many pixels (None: `PASS_PIXELS`; 1: one pass per transform, the least memory)
         check_tta_scales(tta_scales, tta_merge)
         transforms_per_pass(torch.empty(1, 1, 1, 1), tta_pass_pixels)      # a bad budget refused before the first batch
-        if classifier_threshold is not None and not 0 <= classifier_threshold <= 1:
+        if classifier_threshold is not None and (isinstance(classifier_threshold, bool) or not isinstance(classifier_threshold, numbers.Real)
+                                                 or not 0 <= classifier_threshold <= 1):
             raise ValueError(f"classifier_threshold must be a probability in [0, 1] (or None), not {classifier_threshold!r}")
         self.has_classifier = all(getattr(_unwrap(m), 'classifier', None) is not None for m in models)
         if classifier_threshold and not self.has_classifier:      # it would gate nothing: say so rather than ignore it

@@ -5,6 +5,8 @@
 # %% ../../nbs/33_pipeline.tta.ipynb #68e0b362
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -81,7 +83,7 @@ def tta_transforms(transforms: bool | str | list[str] | tuple[str, ...]) -> tupl
 def check_tta_scales(scales: tuple[float, ...], merge: str = 'mean') -> None:
     "Refuse scales that are not positive factors, or a merge other than 'mean' and 'gmean'."
     if merge not in ('mean', 'gmean'): raise ValueError(f"merge must be 'mean' or 'gmean', not {merge!r}")
-    if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
+    if not scales or any(isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 < s < math.inf for s in scales):
         raise ValueError(f"scales are positive factors such as (0.75, 1.0, 1.25), not {scales!r}")
 
 PASS_PIXELS = {'cpu': 2 ** 19, 'cuda': 2 ** 21}     # most pixels (images × height × width) one stacked forward pass takes, by device type (CUDA's: not measured)
@@ -102,6 +104,16 @@ def _passes(names: tuple[str, ...], shape: torch.Size, per_pass: int) -> list[tu
     groups = [names] if shape[-2] == shape[-1] else [tuple(n for n in names if n not in swapped), tuple(n for n in names if n in swapped)]
     return [group[i:i + per_pass] for group in groups for i in range(0, len(group), per_pass)]
 
+def _one_pass(model: nn.Module, scaled: torch.Tensor, group: tuple[str, ...], activation) -> list[torch.Tensor]:
+    "The probabilities of each transformed copy of `scaled` in `group`, from one forward pass, each transform undone."
+    copies = [apply_transform(scaled, name) for name in group]
+    stacked = copies[0] if len(copies) == 1 else torch.cat(copies)
+    output = model(stacked)
+    if not isinstance(output, torch.Tensor) or output.ndim != 4 or len(output) != len(stacked):
+        raise ValueError(f"TTA needs a model from images (B, C, H, W) to per-pixel outputs (B, C', H', W'); for {tuple(stacked.shape)} it "
+                         f"returned {tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
+    return [invert_transform(probabilities, name) for name, probabilities in zip(group, activation(output).split(len(scaled)))]
+
 def transform_tta(model: nn.Module,                         # any model from images to per-pixel outputs (B, C, H, W)
                   x: torch.Tensor,                          # a batch of (normalised) images
                   activation: Callable[[torch.Tensor], torch.Tensor],   # from outputs to probabilities
@@ -114,17 +126,20 @@ def transform_tta(model: nn.Module,                         # any model from ima
     names = tta_transforms(transforms)
     check_tta_scales(scales, merge)
     total, count, size = None, 0, x.shape[-2:]
-    with torch.no_grad():
-        for scale in scales:
-            scaled = x if scale == 1 else F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=False)
-            for group in _passes(names, scaled.shape, transforms_per_pass(scaled, pass_pixels)):
-                copies = [apply_transform(scaled, name) for name in group]
-                outputs = activation(model(copies[0] if len(copies) == 1 else torch.cat(copies))).split(len(scaled))
-                for name, output in zip(group, outputs):
-                    probabilities = invert_transform(output, name)
-                    if scale != 1: probabilities = F.interpolate(probabilities, size=size, mode='bilinear', align_corners=False)
-                    term = probabilities if merge == 'mean' else probabilities.clamp_min(1e-7).log()
-                    total, count = term if total is None else total + term, count + 1
+    training = model.training         # predictions in eval mode (batch norm's running statistics, no dropout); restored after
+    model.eval()
+    try:
+        with torch.no_grad():
+            for scale in scales:
+                if math.floor(min(size) * scale) < 1:          # what interpolate would make of the image's shorter side
+                    raise ValueError(f"TTA scale {scale} leaves nothing of the {tuple(size)} images: use scales that leave at least a pixel")
+                scaled = x if scale == 1 else F.interpolate(x, scale_factor=float(scale), mode='bilinear', align_corners=False)
+                for group in _passes(names, scaled.shape, transforms_per_pass(scaled, pass_pixels)):
+                    for probabilities in _one_pass(model, scaled, group, activation):
+                        if scale != 1: probabilities = F.interpolate(probabilities, size=size, mode='bilinear', align_corners=False)
+                        term = probabilities if merge == 'mean' else probabilities.clamp_min(1e-7).log()
+                        total, count = term if total is None else total + term, count + 1
+    finally: model.train(training)
     if merge == 'mean': return total / count
     merged = (total / count).exp()
     return merged / merged.sum(1, keepdim=True) if activation is OUTPUT_ACTIVATIONS['softmax'] else merged

@@ -255,10 +255,13 @@ def _chosen_threshold(models: Path, run: dict | None, n_labels: int | None = Non
                 dict(thresholds=[default_threshold] * n_labels, min_areas=[0] * n_labels))
     try: chosen = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: chosen = e
-    if (not isinstance(chosen, dict) or not set(keys) <= set(chosen)
-            or (n_labels is not None and not all(isinstance(chosen[k], list) and len(chosen[k]) == n_labels for k in keys))):
-        raise ValueError(f"'{path}' is damaged ({chosen if isinstance(chosen, Exception) else 'no ' + ' and '.join(keys)}): "
-                         f"delete it and pass --threshold and --min-area, or rerun the training command to choose them again")
+    if not isinstance(chosen, dict) or not set(keys) <= set(chosen): problem = chosen if isinstance(chosen, Exception) else 'no ' + ' and '.join(keys)
+    elif n_labels is not None and not all(isinstance(chosen[k], list) and len(chosen[k]) == n_labels for k in keys):
+        problem = f"{' and '.join(keys)} must be lists of {n_labels} values, one per class; they are {chosen['thresholds']!r} and {chosen['min_areas']!r}"
+    else: problem = None
+    if problem is not None:
+        raise ValueError(f"'{path}' is damaged ({problem}): delete it and pass --threshold and --min-area, or rerun the training "
+                         f"command to choose them again")
     if run is not None and chosen.get('run_id', run['run_id']) != run['run_id']:
         raise ValueError(f"'{path}' was chosen for another run than the folds in '{models}': delete it, or rerun the training command")
     values = [(chosen['threshold'], chosen['min_area'])] if n_labels is None else list(zip(chosen['thresholds'], chosen['min_areas']))

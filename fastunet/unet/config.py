@@ -72,7 +72,7 @@ class UnetConfig:
     def _check(self) -> None:
         for name in self._SWITCHES:          # 'yes' or 'False' would be truthy: a switch is True or False (numpy's too, from a sweep)
             value = getattr(self, name)
-            if type(value).__name__ == 'bool_': setattr(self, name, value := bool(value))
+            if str(getattr(value, 'dtype', '')) == 'bool' and getattr(value, 'ndim', 1) == 0: setattr(self, name, value := bool(value))
             if not isinstance(value, bool): raise ValueError(f"{name} must be True or False, not {value!r}")
         if self.upsample not in UPSAMPLE_MODES: raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, not '{self.upsample}'")
         if self.attention not in (None, 'scse', 'self'): raise ValueError(f"attention must be None, 'scse' or 'self', not '{self.attention}'")
