@@ -39,8 +39,8 @@ from .ensemble import FoldEnsemble
 from .files import atomic_write, remove_stale_temporaries
 from .records import load_fold_records, out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
-from .submission import (ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, DEFAULT_THRESHOLDS, apply_threshold, argmax_class_probabilities,
-                                          rle_encode, search_class_thresholds, search_threshold, write_submission)
+from .submission import (ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, DEFAULT_THRESHOLDS, apply_threshold,
+    argmax_class_probabilities, rle_encode, search_class_thresholds, search_threshold, write_submission)
 from .tiling import BLENDINGS, TileGrid, predict_labels_tiled
 from .tta import check_tta_scales, transforms_per_pass, tta_transforms
 from .training import check_learning_rate, check_whole, train_folds

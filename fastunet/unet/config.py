@@ -66,11 +66,9 @@ class UnetConfig:
         store_attr()
         self._check()
 
-    _SWITCHES = ('middle_attention', 'conv_before_upsample', 'blur', 'blur_final', 'attention_gates', 'hypercolumns', 'last_cross',
-                 'residual_head', 'bottle', 'deep_supervision', 'classifier')
-
     def _check(self) -> None:
-        for name in self._SWITCHES:          # 'yes' or 'False' would be truthy: a switch is True or False (numpy's too, from a sweep)
+        switches = [name for name, p in inspect.signature(type(self).__init__).parameters.items() if isinstance(p.default, bool)]
+        for name in switches:                # 'yes' or 'False' would be truthy: a switch is True or False (numpy's too, from a sweep)
             value = getattr(self, name)
             if str(getattr(value, 'dtype', '')) == 'bool' and getattr(value, 'ndim', 1) == 0: setattr(self, name, value := bool(value))
             if not isinstance(value, bool): raise ValueError(f"{name} must be True or False, not {value!r}")
