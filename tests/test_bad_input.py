@@ -28,7 +28,9 @@ from fastunet.pipeline.records import fold_paths, read_run
 from fastunet.pipeline.submission import rle_decode, rle_encode
 from fastunet.pipeline.splits import make_folds
 from fastunet.pipeline.training import train_folds
-from fastunet.pipeline.workflow import run_prediction, run_training, segmentation_block
+from fastunet.pipeline.data_folder import segmentation_block
+from fastunet.pipeline.prediction import run_prediction
+from fastunet.pipeline.workflow import run_training
 from fastunet.learner.data import MaskFromFolder
 from fastunet.learner.losses import BCELovaszLoss
 from fastai.data.block import DataBlock

@@ -14,7 +14,7 @@ from fastunet.learner.data import MaskFromFolder
 from fastunet.learner.metrics import tgs_scores
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.submission import apply_threshold, rle_decode
-from fastunet.pipeline.workflow import list_images
+from fastunet.pipeline.data_folder import list_images
 
 from conftest import ISBI, fastunet_command
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import console_script, fastunet_command
-from fastunet.pipeline.workflow import segmentation_block
+from fastunet.pipeline.data_folder import segmentation_block
 from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.records import load_fold_records
 

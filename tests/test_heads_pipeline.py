@@ -20,7 +20,9 @@ from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.records import fold_paths, fold_problem, load_fold_records, out_of_fold, out_of_fold_nonempty, read_run
 from fastunet.pipeline.submission import DEFAULT_CLASSIFIER_THRESHOLDS, apply_threshold, rle_decode, search_threshold
-from fastunet.pipeline.workflow import list_images, run_prediction, run_training
+from fastunet.pipeline.data_folder import list_images
+from fastunet.pipeline.prediction import run_prediction
+from fastunet.pipeline.workflow import run_training
 from fastunet.unet.model import MoreDynamicUnet
 
 TRAIN = dict(arch='resnet10t', n_folds=2, epochs=2, lr=1e-3, bs=4, seed=0)
@@ -113,7 +115,7 @@ def test_ensemble_gates_its_probabilities_and_checks_the_threshold(heads_run):
     for image in range(3):
         expected = plain[image] if nonempty[image] >= cut else torch.zeros_like(plain[image])
         torch.testing.assert_close(gated[image], expected)
-    with pytest.raises(ValueError, match=r'classifier_threshold must be a probability'):
+    with pytest.raises(ValueError, match=r'classifier.threshold must be a probability'):
         FoldEnsemble.from_dir(models, device='cpu', classifier_threshold=1.5)
     # by default, the threshold fastunet train chose; tiles are never gated (the classifier judged whole images)
     chosen = json.loads((models / 'threshold.json').read_text())['classifier_threshold']

@@ -23,7 +23,7 @@ from fastunet.pipeline.records import fold_paths
 from fastunet.pipeline.splits import make_folds
 from fastunet.pipeline.training import train_folds
 from fastunet.pipeline.tta import hflip_tta
-from fastunet.pipeline.workflow import segmentation_block
+from fastunet.pipeline.data_folder import segmentation_block
 from fastunet.unet.memory_format import is_channels_last
 from fastunet.unet.model import MoreDynamicUnet
 

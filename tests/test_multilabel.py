@@ -22,7 +22,9 @@ from fastunet.pipeline.records import load_fold_records, out_of_fold
 from fastunet.pipeline.splits import make_folds
 from fastunet.pipeline.submission import ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, apply_threshold, argmax_class_probabilities, rle_decode, search_class_thresholds
 from fastunet.pipeline.training import train_folds
-from fastunet.pipeline.workflow import list_images, run_prediction, run_training
+from fastunet.pipeline.data_folder import list_images
+from fastunet.pipeline.prediction import run_prediction
+from fastunet.pipeline.workflow import run_training
 
 LABELS = ['1', '2', '3']
 
@@ -90,16 +92,16 @@ def test_predict_multilabel_rows_per_image_and_label_or_a_column_per_label(multi
 
 def test_multilabel_arguments_are_checked_against_the_label_folders(labelled, tmp_path):
     with pytest.raises(ValueError, match=r"--classes 2, but '.*masks' holds 3 label folder\(s\), \['1', '2', '3'\]"):
-        run_training(labelled, tmp_path / 'a', 'resnet10t', 2, 1, 1e-3, 4, 0, classes=2, multilabel=True)
+        run_training(labelled, tmp_path / 'a', arch='resnet10t', n_folds=2, epochs=1, lr=1e-3, bs=4, seed=0, classes=2, multilabel=True)
     flat = make_synthetic_dataset(tmp_path / 'flat', n_images=4, size=(32, 32))
     with pytest.raises(FileNotFoundError, match='--multilabel reads one folder of masks per label'):
-        run_training(flat, tmp_path / 'b', 'resnet10t', 2, 1, 1e-3, 4, 0, multilabel=True)
+        run_training(flat, tmp_path / 'b', arch='resnet10t', n_folds=2, epochs=1, lr=1e-3, bs=4, seed=0, multilabel=True)
     missing = next((labelled / 'masks' / '2').iterdir())
     content = missing.read_bytes()
     missing.unlink()
     try:
         with pytest.raises(ValueError, match=f"no mask for .*{missing.stem}"):
-            run_training(labelled, tmp_path / 'c', 'resnet10t', 2, 1, 1e-3, 4, 0, multilabel=True)
+            run_training(labelled, tmp_path / 'c', arch='resnet10t', n_folds=2, epochs=1, lr=1e-3, bs=4, seed=0, multilabel=True)
     finally: missing.write_bytes(content)
     assert not (tmp_path / 'c' / 'models').exists()
 
@@ -121,7 +123,7 @@ def test_train_folds_takes_a_multilabel_datablock(labelled, tmp_path):
 def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_per_class(tmp_path):
     data = make_synthetic_dataset(tmp_path / 'data', n_images=12, size=(48, 48), n_classes=3, seed=4)
     models = tmp_path / 'run' / 'models'
-    report = run_training(data, tmp_path / 'run', 'resnet10t', 2, 2, 3e-3, 4, 0, classes=3)
+    report = run_training(data, tmp_path / 'run', arch='resnet10t', n_folds=2, epochs=2, lr=3e-3, bs=4, seed=0, classes=3)
     chosen = json.loads((models / 'threshold.json').read_text())
     # the thresholds and minimum areas of classes 1 and 2, recomputed from the out-of-fold softmax and the masks
     folds = pd.read_csv(tmp_path / 'run' / 'folds.csv')
@@ -159,7 +161,7 @@ def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_pe
 def test_multiclass_with_the_empty_mask_classifier_chooses_and_applies_its_threshold(tmp_path):
     data = make_synthetic_dataset(tmp_path / 'data', n_images=16, size=(48, 48), n_classes=3, seed=4, empty_fraction=0.25)
     models = tmp_path / 'run' / 'models'
-    run_training(data, tmp_path / 'run', 'resnet10t', 2, 6, 1e-2, 4, 0, classes=3, classifier=True)
+    run_training(data, tmp_path / 'run', arch='resnet10t', n_folds=2, epochs=6, lr=1e-2, bs=4, seed=0, classes=3, classifier=True)
     chosen = json.loads((models / 'threshold.json').read_text())
     assert chosen['classifier_threshold'] in DEFAULT_CLASSIFIER_THRESHOLDS and len(chosen['thresholds']) == 2
     images = list_images(data / 'images')

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['save_prediction_picture', 'run_demo']
 
-# %% ../../nbs/40_pipeline.demo.ipynb #a966a73e
+# %% ../../nbs/40_pipeline.demo.ipynb #bb9d7616
 import json
 import time
 from pathlib import Path
@@ -21,9 +21,11 @@ from ..learner.synthetic import make_synthetic_dataset
 from .ensemble import FoldEnsemble
 from .files import atomic_write
 from .submission import apply_threshold
-from .workflow import list_images, run_prediction, run_training
+from .data_folder import list_images
+from .prediction import run_prediction
+from .workflow import run_training
 
-# %% ../../nbs/40_pipeline.demo.ipynb #5c1f5c24
+# %% ../../nbs/40_pipeline.demo.ipynb #5cee55fe
 def save_prediction_picture(images: list[Path], truths: list[np.ndarray], predictions: list[np.ndarray], path: Path) -> Path:
     "A picture of images (top row), their true masks and the predicted masks, written atomically to `path` (PNG)."
     import matplotlib
@@ -59,7 +61,7 @@ def run_demo(dest: str = 'fastunet_demo',          # folder for data, models, su
     print(f'fastunet demo: writing data, models, submission.csv, report.json and predictions.png to {dest}')
     train = make_synthetic_dataset(dest / 'data' / 'train', n_images=n_images, size=(size, size), seed=seed)
     test = make_synthetic_dataset(dest / 'data' / 'test', n_images=n_test, size=(size, size), seed=seed + 1)
-    report = run_training(train, dest, arch, folds, epochs, lr, bs, seed, restart=True)   # a demo run starts afresh
+    report = run_training(train, dest, arch=arch, n_folds=folds, epochs=epochs, lr=lr, bs=bs, seed=seed, restart=True)   # a demo run starts afresh
     trained = time.time()
     print('\nCV table:\n' + pd.DataFrame(report['cv']).to_string(index=False))
     print(f"out-of-fold TGS metric {report['oof_tgs']:.4f} at threshold {report['threshold']}, min area {report['min_area']}")

@@ -19,7 +19,7 @@ import pandas as pd
 
 from fastunet.learner.dataset_check import check_datablock
 from fastunet.learner.synthetic import make_synthetic_dataset
-from fastunet.pipeline.workflow import CLI_FIXES, list_images, segmentation_block
+from fastunet.pipeline.data_folder import CLI_FIXES, list_images, segmentation_block
 
 
 def main():

@@ -59,7 +59,7 @@ def run(folds: int = 5, sizes: list[int] = (200, 800), arch: str = 'resnet10t', 
     from fastunet.learner.synthetic import make_synthetic_dataset
     work = Path(tempfile.mkdtemp(prefix='fastunet_ensemble_'))
     train = make_synthetic_dataset(work / 'train', n_images=40, size=(101, 101))
-    run_training(train, work, arch, folds, 1, 3e-3, 8, 0)        # the weights do not change speed or memory
+    run_training(train, work, arch=arch, n_folds=folds, epochs=1, lr=3e-3, bs=8, seed=0)        # the weights do not change speed or memory
     images = make_synthetic_dataset(work / 'test', n_images=max(sizes), size=(101, 101), seed=1) / 'images'
     def child(n, k, tta, workers=None, compile=False):
         out = subprocess.run([sys.executable, __file__, '--child', str(work / 'models'), str(images), str(n), str(k),

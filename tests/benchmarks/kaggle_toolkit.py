@@ -89,8 +89,8 @@ def run_dataset(dataset: str, seeds: list[int], folds: int, epochs: int | None, 
             heads = VARIANTS[variant]
             out = workdir / f'{dataset}_{seed}_{variant.replace(" ", "_")}'
             start = time.time()
-            run_training(data, out, arch, folds, epochs, options['lr'], options['bs'], seed, options['mask_folder'],
-                         options['binary_masks'], options['crop'], **heads)
+            run_training(data, out, arch=arch, n_folds=folds, epochs=epochs, lr=options['lr'], bs=options['bs'], seed=seed,
+                         mask_folder=options['mask_folder'], binary_masks=options['binary_masks'], crop=options['crop'], **heads)
             seconds = time.time() - start
             ttas = TTAS if variant == 'baseline' else ('none',)
             predicted = held_out_predictions(out, options['mask_folder'], options['binary_masks'], ttas, heads.get('classifier', False))

@@ -66,7 +66,7 @@ def child(library: str, side: int, model_name: str, tile: int, overlap: float, t
     if library == 'fastunet':
         from fastunet.pipeline.tiling import predict_labels_tiled, tile_predictor
         predict = tile_predictor(raw, tta=False, activation='sigmoid', fold_bn=fold_bn)
-        from fastunet.pipeline.workflow import LABELS_IN_MEMORY      # as `fastunet predict` does: a huge label map on disk
+        from fastunet.pipeline.prediction import LABELS_IN_MEMORY      # as `fastunet predict` does: a huge label map on disk
         labels_path = Path(path).with_suffix('.labels.npy') if side * side > LABELS_IN_MEMORY else None
         labels = predict_labels_tiled(predict, path, tile=tile, overlap=overlap, tile_batch=tile_batch, n_channels=3, path=labels_path)
     else:

@@ -41,7 +41,8 @@ def main():
     if not ISBI.exists(): raise SystemExit(f'ISBI data not found at {ISBI}')
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix='fastunet_tta_'))
     start = time.time()
-    run_training(ISBI, workdir, args.arch, args.folds, args.epochs, 3e-3, 4, 0, 'labels', True, args.crop)
+    run_training(ISBI, workdir, arch=args.arch, n_folds=args.folds, epochs=args.epochs, lr=3e-3, bs=4, seed=0, mask_folder='labels',
+                 binary_masks=True, crop=args.crop)
     trained = time.time() - start
     df = pd.read_csv(workdir / 'folds.csv')
     mask_of = MaskFromFolder('labels', binary=True)
