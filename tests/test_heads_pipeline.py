@@ -189,14 +189,14 @@ def test_tiles_are_not_gated_and_an_explicit_threshold_with_tiles_is_refused(hea
 
 def test_runs_recorded_before_the_heads_keep_their_definition_and_weights_load_across_them(tmp_path):
     "A run made with a UnetConfig before these options existed still resumes; init_dir loads plain weights into a model with heads."
-    from fastunet.pipeline.training import _described, _load_init
+    from fastunet.pipeline.training import definition_value, load_init_weights
     from fastunet.unet.config import UnetConfig
-    assert 'deep_supervision' not in _described(UnetConfig()) and 'classifier' not in _described(UnetConfig(hypercolumns=True))
-    assert _described(UnetConfig(classifier=True))['classifier'] is True
+    assert 'deep_supervision' not in definition_value(UnetConfig()) and 'classifier' not in definition_value(UnetConfig(hypercolumns=True))
+    assert definition_value(UnetConfig(classifier=True))['classifier'] is True
     plain = MoreDynamicUnet('resnet10t', n_in=1)
     torch.save(plain.state_dict(), tmp_path / 'fold_0.pth')
     heads = MoreDynamicUnet('resnet10t', n_in=1, deep_supervision=True, classifier=True)
-    _load_init(heads, tmp_path / 'fold_0.pth')
+    load_init_weights(heads, tmp_path / 'fold_0.pth')
     x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(heads.eval()(x), plain.eval()(x))
-    with pytest.raises(ValueError, match='do not fit this model'): _load_init(MoreDynamicUnet('resnet18', n_in=1), tmp_path / 'fold_0.pth')
+    with pytest.raises(ValueError, match='do not fit this model'): load_init_weights(MoreDynamicUnet('resnet18', n_in=1), tmp_path / 'fold_0.pth')

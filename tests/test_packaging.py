@@ -135,3 +135,29 @@ def test_ci_runs_the_readme_test_command():
 
 def test_no_run_output_is_committed():
     assert not [name for name in git_files() if name.startswith(('fastunet_demo/', 'fastunet_run/'))]
+
+
+def package_sources() -> list[Path]:
+    return [p for p in (ROOT / 'fastunet').rglob('*.py') if p.name != '_modidx.py']
+
+
+def test_no_private_name_crosses_a_module_border():
+    "A name with a leading underscore is its module's own: neither another module nor a test imports it."
+    crossings = []
+    for path in package_sources() + sorted((ROOT / 'tests').rglob('*.py')):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or '').startswith('fastunet')):
+                crossings += [f'{path.relative_to(ROOT)}:{node.lineno} {alias.name}' for alias in node.names
+                              if alias.name.startswith('_') and not alias.name.startswith('__')]
+    assert crossings == []
+
+
+def test_modules_stay_small_and_calls_pass_few_positional_arguments():
+    "No module much over 250 lines; no call of fastunet's own functions with more than five positional arguments."
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in package_sources()}
+    assert {name: n for name, n in sizes.items() if n > 280} == {}
+    trees = {p: ast.parse(p.read_text()) for p in package_sources()}
+    defined = {n.name for tree in trees.values() for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    long_calls = [f'{p.relative_to(ROOT)}:{n.lineno} {ast.unparse(n.func)}' for p, tree in trees.items() for n in ast.walk(tree)
+                  if isinstance(n, ast.Call) and len(n.args) > 5 and ast.unparse(n.func).split('.')[-1] in defined]
+    assert long_calls == []

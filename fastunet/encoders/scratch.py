@@ -38,8 +38,8 @@ class UnetEncoder(Encoder):
                                      for i, (ni, nf) in enumerate(zip([n_in] + widths[:-1], widths))])
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         # from scratch: no pretrained statistics; ImageNet's fill the record (the learner normalises only pretrained encoders)
-        self.set_info(EncoderInfo('unet', n_in, widths, [2 ** i for i in range(depth + 1)], 2 ** depth,
-                                  adapt_stats(IMAGENET_STATS, n_in)))
+        self.set_info(EncoderInfo('unet', n_in, channels=widths, reductions=[2 ** i for i in range(depth + 1)],
+                                  size_divisor=2 ** depth, stats=adapt_stats(IMAGENET_STATS, n_in)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

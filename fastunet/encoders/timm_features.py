@@ -74,7 +74,7 @@ class TimmEncoder(Encoder):
                 raise ValueError(f"timm model '{name}' accepts neither padded inputs nor its own input size {native}") from None
             self.native_size, size_divisor = native, max(reductions)
         stats = adapt_stats((cfg.get('mean', IMAGENET_STATS[0]), cfg.get('std', IMAGENET_STATS[1])), n_in)
-        self.set_info(EncoderInfo(f'timm:{name}', n_in, channels, reductions, size_divisor, stats))
+        self.set_info(EncoderInfo(f'timm:{name}', n_in, channels=channels, reductions=reductions, size_divisor=size_divisor, stats=stats))
 
     def set_grad_checkpointing(self, enable: bool = True) -> bool:
         "timm's own per-stage checkpointing (`features_only` networks and most families have it)."

@@ -145,7 +145,8 @@ class TracedEncoder(Encoder):
         self.stage_names = [node.name for node, _, _ in stages]
         reductions = [stride for _, _, stride in stages]
         size_divisor = find_size_divisor(self.body, n_in, max(reductions))   # more than the stride where a net needs room (AlexNet)
-        self.set_info(EncoderInfo(name, n_in, [c for _, c, _ in stages], reductions, size_divisor, adapt_stats(stats, n_in)))
+        self.set_info(EncoderInfo(name, n_in, channels=[c for _, c, _ in stages], reductions=reductions, size_divisor=size_divisor,
+                                  stats=adapt_stats(stats, n_in)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))

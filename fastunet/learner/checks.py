@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 # %% auto #0
-__all__ = ['check_segmentation_batch']
+__all__ = ['ignore_index_of', 'check_segmentation_batch']
 
 # %% ../../nbs/24_learner.checks.ipynb #4065aef6
-def _ignore_index(loss_func) -> int | None:
+def ignore_index_of(loss_func) -> int | None:
     "The ignore index of a (fastai-wrapped) loss, if it has one."
     for obj in (loss_func, getattr(loss_func, 'func', None)):
         index = getattr(obj, 'ignore_index', None)
@@ -38,7 +38,7 @@ def check_segmentation_batch(x: torch.Tensor,          # a batch of images (B, C
         return
     values = sorted(int(v) for v in torch.unique(y))
     allowed_max = max(n_out - 1, 1)      # one logit means a binary target: 0 or 1
-    ignore = _ignore_index(loss_func)
+    ignore = ignore_index_of(loss_func)
     bad = [v for v in values if (v < 0 or v > allowed_max) and v != ignore]
     if bad:
         hint = (" Masks saved as 0/255 images must be mapped to 0/1, e.g. with "

@@ -32,8 +32,13 @@ def barrier() -> None:
     dist.barrier()
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    "The model inside a `DistributedDataParallel` wrapper (the model itself otherwise)."
-    return getattr(model, 'module', model)
+    """The network inside its wrappers: (Distributed)DataParallel, `torch.compile`'s, and any module that says it wraps
+    one (`wraps_model = True`, its network in `.model`, as the pipeline's `InferenceModel`)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        elif hasattr(model, '_orig_mod'): model = model._orig_mod
+        elif getattr(model, 'wraps_model', False): model = model.model
+        else: return model
 
 def broadcast_state(model: nn.Module) -> None:
     "Copy rank 0's weights and buffers to every rank (a no-op when not distributed)."

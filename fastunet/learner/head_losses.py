@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import _ignore_index
+from .checks import ignore_index_of
 
 # %% auto #0
 __all__ = ['nonempty_targets', 'MultiHeadLoss']
@@ -29,7 +29,7 @@ def nonempty_targets(targets: torch.Tensor,        # masks: (B, H, W) class code
 def _loss_ignore(loss_func) -> int | None:
     "The ignore index of one of our losses (`ignore`) or of a fastai one (`ignore_index`)."
     ignore = getattr(loss_func, 'ignore', None)
-    return int(ignore) if ignore is not None else _ignore_index(loss_func)
+    return int(ignore) if ignore is not None else ignore_index_of(loss_func)
 
 class MultiHeadLoss(nn.Module):
     "`loss_func` on the main output, plus the weighted auxiliary maps and empty-mask logit a model returns in training."

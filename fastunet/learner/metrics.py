@@ -11,8 +11,8 @@ from fastai.learner import Metric
 from fastai.metrics import DiceMulti, JaccardCoeffMulti
 
 # %% auto #0
-__all__ = ['TGS_THRESHOLDS', 'MultiDice', 'MultiIoU', 'foreground_mask', 'tgs_scores', 'TGSMetric', 'BinaryDice', 'BinaryIoU',
-           'psnr', 'PSNR']
+__all__ = ['TGS_THRESHOLDS', 'MultiDice', 'MultiIoU', 'foreground_mask', 'gathered_predictions', 'tgs_scores', 'TGSMetric',
+           'BinaryDice', 'BinaryIoU', 'psnr', 'PSNR']
 
 # %% ../../nbs/21_learner.metrics.ipynb #9a00a937
 def foreground_mask(pred: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -22,7 +22,7 @@ def foreground_mask(pred: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     if pred.ndim == 4: pred = pred[:, 0]
     return torch.sigmoid(pred.float()) > threshold
 
-def _gathered(learn) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_predictions(learn) -> tuple[torch.Tensor, torch.Tensor]:
     "The batch's predictions and targets, from every rank under DDP (fastai's `Learner.to_detach` gathers them)."
     if not hasattr(learn, 'to_detach'): return learn.pred, learn.y      # a bare (pred, y) holder
     return learn.to_detach(learn.pred, cpu=False), learn.to_detach(learn.y, cpu=False)
@@ -47,7 +47,7 @@ class TGSMetric(Metric):
     def __init__(self, threshold: float = 0.5): self.threshold = threshold
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
-        pred, truth = _gathered(learn)
+        pred, truth = gathered_predictions(learn)
         scores = tgs_scores(foreground_mask(pred, self.threshold), _as_mask(truth))
         self.total += scores.sum().item()
         self.count += len(scores)
@@ -61,7 +61,7 @@ class _OverlapMetric(Metric):
     def __init__(self, threshold: float = 0.5): self.threshold = threshold
     def reset(self): self.intersection, self.total, self.union = 0., 0., 0.
     def accumulate(self, learn):
-        pred, truth = _gathered(learn)
+        pred, truth = gathered_predictions(learn)
         pred, truth = foreground_mask(pred, self.threshold).flatten(1), _as_mask(truth).flatten(1)
         self.intersection += (pred & truth).sum().item()
         self.total += (pred.sum() + truth.sum()).item()
@@ -94,7 +94,7 @@ class PSNR(Metric):
     def __init__(self, data_range: float = 1.): self.data_range = data_range
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
-        pred, target = _gathered(learn)
+        pred, target = gathered_predictions(learn)
         scores = psnr(pred, target, self.data_range)
         self.total += scores.sum().item()
         self.count += len(scores)

@@ -22,7 +22,7 @@ from fastai.data.transforms import DisplayedTransform
 
 from .data import MaskFromFolder
 from .losses import BCELovaszLoss
-from .metrics import _gathered
+from .metrics import gathered_predictions
 
 # %% auto #0
 __all__ = ['MAX_LABELS', 'MultiLabelMasks', 'unpack_labels', 'pack_labels', 'UnpackLabels', 'MultiLabelMaskBlock',
@@ -111,7 +111,7 @@ class MultiLabelDice(Metric):
     def __init__(self, threshold: float = 0.5): self.threshold = threshold
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
-        pred, truth = _gathered(learn)
+        pred, truth = gathered_predictions(learn)
         pred, truth = torch.sigmoid(pred.as_subclass(torch.Tensor).float()) > self.threshold, truth.as_subclass(torch.Tensor) > 0
         scores = dice_scores(pred.flatten(0, 1), truth.flatten(0, 1))
         self.total += scores.sum().item()

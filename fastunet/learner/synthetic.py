@@ -51,7 +51,8 @@ def make_synthetic_dataset(dest: str | Path | None = None,      # folder to writ
     dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix='fastunet_synthetic_'))
     (dest / 'images').mkdir(parents=True, exist_ok=True)
     (dest / 'masks').mkdir(parents=True, exist_ok=True)
-    if labels is not None: return _multilabel_dataset(dest, n_images, size, labels, n_channels, empty_fraction, seed)
+    if labels is not None: return _multilabel_dataset(dest, n_images=n_images, size=size, labels=labels, n_channels=n_channels,
+                                                      empty_fraction=empty_fraction, seed=seed)
     rng = np.random.default_rng(seed)
     for i in range(n_images):
         mask = np.zeros(size, np.uint8) if rng.uniform() < empty_fraction else _blob_mask(rng, *size, n_classes)
@@ -61,7 +62,7 @@ def make_synthetic_dataset(dest: str | Path | None = None,      # folder to writ
     return dest
 
 # %% ../../nbs/22_learner.synthetic.ipynb #e47b40cb
-def _multilabel_dataset(dest: Path, n_images: int, size: tuple[int, int], labels: int, n_channels: int, empty_fraction: float,
+def _multilabel_dataset(dest: Path, *, n_images: int, size: tuple[int, int], labels: int, n_channels: int, empty_fraction: float,
                         seed: int) -> Path:
     "Each class's blobs drawn on their own (absent from an image with probability `empty_fraction`), each brighter and striped at its own angle."
     if not 1 <= labels <= 8: raise ValueError(f'labels must be 1 to 8 classes, not {labels}')

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..encoders.registry import resolve_arch
 from ..learner.data import image_array
 from .records import fold_paths, load_fold_records, read_run
-from .inference import _unwrap, inference_model
+from ..learner.distributed import unwrap_model
+from .inference import inference_model
 from .options import PredictOptions
 from .task import Task
 from .thresholds import read_thresholds, run_task
@@ -72,7 +73,7 @@ class FoldEnsemble:
                  **option_fields):                          # or `PredictOptions`'s fields as keywords: device='cpu', tta_scales=(0.75, 1), …
         self.options = options = PredictOptions.of(options, **option_fields)
         self.task = task if task is not None else Task.of_model(record['n_out'], record['activation'])
-        self.has_classifier = all(getattr(_unwrap(m), 'classifier', None) is not None for m in models)
+        self.has_classifier = all(getattr(unwrap_model(m), 'classifier', None) is not None for m in models)
         if options.classifier_threshold and not self.has_classifier:      # it would gate nothing: say so rather than ignore it
             raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); these "
                              f"have none: leave out classifier_threshold={options.classifier_threshold}")
@@ -151,7 +152,8 @@ class FoldEnsemble:
         x = self._normalised(x)
         options = self.options
         tta, scales, merge = options.tta if tta is None else tta, scales or options.tta_scales, merge or options.tta_merge
-        probs = sum(transform_tta(model, x, self.activation, tta, scales, merge, options.tta_pass_pixels) for model in self.models) / len(self.models)
+        probs = sum(transform_tta(model, x, self.activation, transforms=tta, scales=scales, merge=merge, pass_pixels=options.tta_pass_pixels)
+                    for model in self.models) / len(self.models)
         if gate and self.classifier_threshold:      # images the classifier calls empty: probability 0 everywhere
             probs = probs * (self._nonempty(x) >= self.classifier_threshold).to(probs.dtype)[:, None, None, None]
         return probs

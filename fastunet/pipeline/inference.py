@@ -15,6 +15,7 @@ from fastai.learner import Learner
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..learner.distributed import unwrap_model
 from ..unet.memory_format import use_memory_format
 from ..unet.model import MoreDynamicUnet
 
@@ -127,13 +128,14 @@ def fold_batchnorm(model: nn.Module,           # a trained model; left unchanged
 # %% ../../nbs/32_pipeline.inference.ipynb #8f7e6263
 def probe_input(model: nn.Module, device: torch.device | str = 'cpu') -> torch.Tensor | None:
     "A small valid input for a `MoreDynamicUnet` (any size is, once padded); None for other models."
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not isinstance(model, MoreDynamicUnet): return None
     side = max(64, 2 * model.encoder.size_divisor)
     return torch.randn(1, model.n_in, side, side, generator=torch.Generator().manual_seed(0)).to(device)
 
 class InferenceModel(nn.Module):
     "A model that predicts under `torch.inference_mode`, with autocast where asked, returning float32 outputs (ordinary tensors)."
+    wraps_model = True          # `unwrap_model` finds the network in `.model`
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, n_folded: int = 0):
         super().__init__()
         self.model, self.autocast_dtype, self.n_folded = model, autocast_dtype, n_folded
@@ -142,21 +144,13 @@ class InferenceModel(nn.Module):
 
     def nonempty_logits(self, x: torch.Tensor) -> torch.Tensor:
         "The empty-mask classifier's logits (B,) of a `MoreDynamicUnet` built with classifier=True, prepared alike."
-        return self._predict(_unwrap(self.model).nonempty_logits, x)
+        return self._predict(unwrap_model(self.model).nonempty_logits, x)
 
     def _predict(self, function, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)      # fastai's tensor subclasses slow every op
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = function(x).float()
         return out.clone()          # an ordinary tensor: an inference tensor refuses in-place edits (out[out < 0] = 0) outside inference mode
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    "The module under a `torch.compile` wrapper, (Distributed)DataParallel or an `InferenceModel`."
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
-        elif isinstance(model, InferenceModel): model = model.model
-        elif hasattr(model, '_orig_mod'): model = model._orig_mod
-        else: return model
 
 def inference_model(model: nn.Module | Learner,               # a trained model, or a learner (its `model`); left unchanged
                     example: torch.Tensor | None = None,      # a valid input, to find and check the folds (default: made for a `MoreDynamicUnet`, else a batch of the learner's data)
@@ -168,7 +162,7 @@ def inference_model(model: nn.Module | Learner,               # a trained model,
                     ) -> InferenceModel:
     "A copy of `model` prepared to predict as fast as the device allows: in float32 the same outputs within 1e-4 (checked); float16 on CUDA rounds more."
     learner = model if isinstance(model, Learner) else None
-    module = _unwrap(learner.model if learner is not None else model)
+    module = unwrap_model(learner.model if learner is not None else model)
     device = torch.device(device) if device is not None else next(module.parameters(), torch.empty(0)).device
     if example is None: example = probe_input(module)
     if example is None and learner is not None: example = learner.dls.one_batch()[0][:1]

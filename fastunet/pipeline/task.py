@@ -62,7 +62,10 @@ class Task:
         return cls('classes', tuple(str(code) for code in range(1, n_classes)))
 
     @classmethod
-    def multilabel(cls, labels) -> Task: return cls('multilabel', tuple(labels))
+    def multilabel(cls, labels) -> Task:
+        "A sigmoid per label, named by `labels` (e.g. the label folders)."
+        if isinstance(labels, str): raise ValueError(f"a task's labels are names (non-empty strings), one per mask: a list, not {labels!r}")
+        return cls('multilabel', tuple(labels))
 
     @classmethod
     def image(cls, n_channels: int) -> Task: return cls('image', tuple(str(c) for c in range(n_channels)))

@@ -18,7 +18,7 @@ from fastai.learner import Learner
 from ..learner.image_source import ImageSource, open_image, tile_starts
 from .files import atomic_write
 from .inference import inference_model, probe_input
-from .training import _normalize_stats
+from .training import normalize_stats
 from .tta import OUTPUT_ACTIVATIONS, output_activation, transform_tta, tta_transforms
 
 # %% auto #0
@@ -163,7 +163,7 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
     if hasattr(predictor, 'predict_batch'): return lambda tiles: predictor.predict_batch(tiles, tta, gate=False)
     if isinstance(predictor, Learner):       # its loss's activation (fastai's rule: none → raw outputs), unless `activation` says
         activation_fn = OUTPUT_ACTIVATIONS[activation] if activation else output_activation(predictor.loss_func)
-        stats, module = _normalize_stats(predictor.dls), predictor.model
+        stats, module = normalize_stats(predictor.dls), predictor.model
         device = inference.pop('device', None) or predictor.dls.device      # the data's device (None: where the model is)
     elif isinstance(predictor, nn.Module):
         if activation is None:
@@ -193,11 +193,11 @@ def tile_predictor(predictor: Learner | nn.Module | Callable,   # a Learner, a m
     return predict
 
 # %% ../../nbs/36_pipeline.tiling.ipynb #bcb62eed
-def _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize):
+def _blended_rows(predictor, image, *, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize):
     "The image's source, and its blended rows from the predictor (`tile_predictor`'s options)."
     source = open_image(image, n_channels or _channels_of(predictor))
     predict = tile_predictor(predictor, tta, activation, normalize)
-    return source, iter_tiled(predict, source, tile, overlap, blend, tile_batch, reflect)
+    return source, iter_tiled(predict, source, tile=tile, overlap=overlap, blend=blend, tile_batch=tile_batch, reflect=reflect)
 
 def _channels_of(predictor) -> int:
     "The channels the predictor takes: the ensemble's or learner's `n_in`, else its model's."
@@ -219,7 +219,8 @@ def predict_tiled(predictor,                          # a Learner, a FoldEnsembl
                   normalize: tuple | None = None      # a bare model's input (mean, std) in [0, 1] units
                   ) -> torch.Tensor:
     "Probabilities (n_out, H, W) of one image, predicted by overlapping tiles and blended."
-    source, rows = _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize)
+    source, rows = _blended_rows(predictor, image, n_channels=n_channels, tile=tile, overlap=overlap, blend=blend, tile_batch=tile_batch,
+                                  reflect=reflect, tta=tta, activation=activation, normalize=normalize)
     probabilities = None
     for first, band in rows:
         if probabilities is None: probabilities = np.empty((band.shape[0], *source.shape[:2]), np.float32)
@@ -239,7 +240,8 @@ def predict_labels_tiled(predictor,                   # as in `predict_tiled`
         raise ValueError(f"threshold must be a probability in [0, 1], not {threshold!r}")
     if path is not None and isinstance(image, (str, Path)) and Path(path).resolve() == Path(image).resolve():
         raise ValueError(f"path '{path}' is the image being predicted: give the label map another file")
-    source, rows = _tiled_rows(predictor, image, n_channels, tile, overlap, blend, tile_batch, reflect, tta, activation, normalize)
+    source, rows = _blended_rows(predictor, image, n_channels=n_channels, tile=tile, overlap=overlap, blend=blend, tile_batch=tile_batch,
+                                  reflect=reflect, tta=tta, activation=activation, normalize=normalize)
     def fill(labels: np.ndarray) -> np.ndarray:
         for first, band in rows:
             if band.shape[0] > 1 and threshold is not None:

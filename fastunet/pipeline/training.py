@@ -41,7 +41,8 @@ from .task import Task
 from .tta import activation_name
 
 # %% auto #0
-__all__ = ['KeepBestEpoch', 'check_whole', 'check_learning_rate', 'fold_seed', 'train_folds']
+__all__ = ['KeepBestEpoch', 'normalize_stats', 'definition_value', 'check_whole', 'check_learning_rate', 'fold_seed',
+           'load_init_weights', 'train_folds']
 
 # %% ../../nbs/35_pipeline.training.ipynb #34ae986b
 class KeepBestEpoch(TrackerCallback):
@@ -67,12 +68,12 @@ def _versions() -> dict[str, str]:
     import fastai, timm
     return {'fastunet': fastunet.__version__, 'torch': torch.__version__, 'fastai': fastai.__version__, 'timm': timm.__version__}
 
-def _normalize_stats(dls) -> list | None:
+def normalize_stats(dls) -> list | None:
     for tfm in dls.after_batch.fs:
         if isinstance(tfm, Normalize): return [tfm.mean.flatten().tolist(), tfm.std.flatten().tolist()]
     return None
 
-def _described(value):
+def definition_value(value):
     "A JSON value that stands for `value` in a run's definition: itself where JSON holds it, else its name (a loss, a metric)."
     if isinstance(value, np.generic): return value.item()          # numpy's numbers, as the numbers they are
     if isinstance(value, UnetConfig):        # fields added since, at their default, left out: older runs keep their definition
@@ -80,8 +81,8 @@ def _described(value):
     if value is None or isinstance(value, (str, int, float, bool)): return value
     if isinstance(value, slice): return f'slice({value.start}, {value.stop})'
     if isinstance(value, Path): return str(value)
-    if isinstance(value, (list, tuple)): return [_described(v) for v in value]
-    if isinstance(value, dict): return {str(k): _described(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)): return [definition_value(v) for v in value]
+    if isinstance(value, dict): return {str(k): definition_value(v) for k, v in value.items()}
     return getattr(value, '__name__', type(value).__name__)
 
 def check_whole(value, name: str, smallest: int = 1, optional: bool = False) -> None:
@@ -96,7 +97,7 @@ def check_learning_rate(lr, name: str = 'lr') -> None:
     if not rates or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
         raise ValueError(f"{name} must be a positive, finite learning rate (e.g. 1e-3), not {lr!r}")
 
-def _check_arguments(df: pd.DataFrame, folds, epochs, lr, bs, seed) -> list[int]:
+def _check_arguments(df: pd.DataFrame, *, folds, epochs, lr, bs, seed) -> list[int]:
     "The folds to train, once every argument has been checked; a message names the argument that is wrong."
     if 'fold' not in df.columns: raise ValueError("df needs a 'fold' column: use fastunet.pipeline.splits.make_folds")
     check_whole(epochs, 'epochs')
@@ -110,14 +111,14 @@ def _check_arguments(df: pd.DataFrame, folds, epochs, lr, bs, seed) -> list[int]
     if small: raise ValueError(f"with bs={bs}, fold(s) {small} leave fewer training items than one batch: lower bs")
     return all_folds if folds is None else [int(f) for f in folds]
 
-def _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args) -> dict:
+def _definition(dblock, df, *, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args) -> dict:
     "The arguments that define a k-fold run, as JSON: a rerun with other ones is another run."
     assignment = [[Path(name).name, int(fold)] for name, fold in zip(item_names(dblock, df), df.fold)]
     digest = hashlib.sha1(json.dumps(assignment).encode()).hexdigest()[:8]
     items = f'{len(df)} items, by name and fold #{digest}'      # another data set, seed or fold count changes it
-    return dict(arch=arch_name(arch), items=items, epochs=_described(epochs), lr=_described(lr), bs=_described(bs), monitor=monitor,
-                fine_tune=fine_tune, init_dir=_described(init_dir), seed=_described(seed), learner=_described(learner_kwargs or {}),
-                **_described(run_args or {}))
+    return dict(arch=arch_name(arch), items=items, epochs=definition_value(epochs), lr=definition_value(lr), bs=definition_value(bs), monitor=monitor,
+                fine_tune=fine_tune, init_dir=definition_value(init_dir), seed=definition_value(seed), learner=definition_value(learner_kwargs or {}),
+                **definition_value(run_args or {}))
 
 def fold_seed(seed: int, fold: int) -> int:
     "Fold `fold`'s own seed: runs with seeds 0 and 1 share no fold's seed (as `seed + fold` would)."
@@ -131,7 +132,7 @@ def _seeded(seed: int | None):
     try: yield
     finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
-def _check_trained(fold: int, model, keep_best, history: list[dict], monitor: str, lr) -> None:
+def _check_trained(fold: int, model, *, keep_best, history: list[dict], monitor: str, lr) -> None:
     "Refuse to keep a fold that diverged: no epoch with a finite score, or weights that hold NaN."
     if keep_best.best_epoch is None:
         raise ValueError(f"fold {fold} diverged: {monitor} was {[epoch.get(monitor) for epoch in history]} by epoch, never a number, "
@@ -147,7 +148,7 @@ def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
         raise ValueError(f"while fold {fold} trained, another process replaced or deleted the run record in '{out_dir}': "
                          f"fold {fold} is not saved, since it belongs to a run that is no longer there")
 
-def _load_init(model, path: Path) -> None:
+def load_init_weights(model, path: Path) -> None:
     "Start from an earlier run's fold weights; the extra heads (deep supervision, classifier) may be there in one run only."
     try: missing, unexpected = model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=False)
     except RuntimeError as e: raise ValueError(f"init_dir weights '{path}' do not fit this model: {str(e)[:300]}") from e   # shapes differ
@@ -207,7 +208,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 task: Task | None = None                # what the models predict, recorded with the run (default: read from each fold's model and loss)
                 ) -> pd.DataFrame:
     "Train (or resume) one model per fold of `df.fold`; returns the CV table (one row per fold, from the records)."
-    to_train = _check_arguments(df, folds, epochs, lr, bs, seed)
+    to_train = _check_arguments(df, folds=folds, epochs=epochs, lr=lr, bs=bs, seed=seed)
     if ema is not None:                                 # a learner option, recorded with the others in the run's definition
         check_ema_decay(ema)
         if 'ema' in (learner_kwargs or {}): raise ValueError("give ema= or learner_kwargs['ema'], not both")
@@ -217,7 +218,8 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         raise ValueError(f"learner_kwargs['n_out'] is {learner_kwargs['n_out']}, but a {task.kind} task with {task.labels or 'one mask'} has {task.n_out} outputs")
     if check_data: check_datablock(dblock, df, n_classes=_mask_codes(dblock, learner_kwargs, task), fixes=fixes)
     out_dir = Path(out_dir)
-    definition = _definition(dblock, df, arch, epochs, lr, monitor, fine_tune, init_dir, bs, seed, learner_kwargs, run_args)
+    definition = _definition(dblock, df, arch=arch, epochs=epochs, lr=lr, monitor=monitor, fine_tune=fine_tune, init_dir=init_dir, bs=bs,
+                             seed=seed, learner_kwargs=learner_kwargs, run_args=run_args)
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         own = [RUN_FILE, *(path.name for fold in all_folds for path in fold_paths(out_dir, fold).values())]
@@ -241,7 +243,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
             fold_task = _model_task(learn, task)            # before any epoch: a task the model does not fit is refused
             if init_dir is not None:
-                _load_init(learn.model, fold_paths(init_dir, fold)['weights'])
+                load_init_weights(learn.model, fold_paths(init_dir, fold)['weights'])
             keep_best = KeepBestEpoch(monitor=monitor)
             start = time.time()
             with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
@@ -249,7 +251,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
                 else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
                 history = _history(learn.recorder)      # before get_preds, which the recorder also logs
                 broadcast_state(learn.model)            # every rank holds rank 0's best epoch
-                _check_trained(fold, learn.model, keep_best, history, monitor, lr)     # on every rank: all stop together
+                _check_trained(fold, learn.model, keep_best=keep_best, history=history, monitor=monitor, lr=lr)     # on every rank: all stop together
                 probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
             classifier = unwrap_model(learn.model).classifier is not None
         if not is_main_process():                   # rank 0 writes the fold; the others wait for it
@@ -264,9 +266,9 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         model = learn.model
         save_fold_record(out_dir, dict(
             fold=fold, n_folds=len(all_folds), run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,
-            n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=_normalize_stats(dls),
+            n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
-            best_epoch=keep_best.best_epoch, epochs=_described(epochs), lr=_described(lr), fine_tune=fine_tune, seed=_described(seed),
+            best_epoch=keep_best.best_epoch, epochs=definition_value(epochs), lr=definition_value(lr), fine_tune=fine_tune, seed=definition_value(seed),
             valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'), task=fold_task.as_dict(),
             history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()

@@ -178,6 +178,7 @@ def tta(learn: Learner,                       # a trained learner
             example = options.pop('example', probe_input(learn.model))          # None for a model other than a MoreDynamicUnet
             if example is None: example = batch[0][:1]
             model = inference_model(learn.model, example=example, **{'device': batch[0].device, **options})
-        probabilities.append(transform_tta(model, batch[0], activation, transforms, scales, merge, pass_pixels).cpu())
+        probabilities.append(transform_tta(model, batch[0], activation, transforms=transforms, scales=scales, merge=merge,
+                                           pass_pixels=pass_pixels).cpu())
         if with_targets and len(batch) > 1: targets.append(batch[1].cpu())
     return torch.cat(probabilities), (torch.cat(targets) if targets else None)

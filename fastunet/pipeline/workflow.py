@@ -59,7 +59,8 @@ def run_training(data: str | Path,                         # folder with images/
     images = list_images(data / 'images')
     if len(images) < options.n_folds: raise FileNotFoundError(f"'{data / 'images'}' holds {len(images)} image(s), too few for {options.n_folds} folds")
     task = folder_task(data, options)
-    dblock = segmentation_block(folder_channels(images), options.mask_folder, options.binary_masks, options.crop, options.resize, task)
+    dblock = segmentation_block(folder_channels(images), mask_folder=options.mask_folder, binary_masks=options.binary_masks,
+                                crop=options.crop, resize=options.resize, task=task)
     items = pd.DataFrame({'item': [str(p) for p in images]})
     # every image and mask, before any epoch (multi-label masks travel packed: a code per combination of labels)
     summary = check_datablock(dblock, items, n_classes=task.mask_codes, fixes=CLI_FIXES)

@@ -31,8 +31,8 @@ class DecoderBlock(nn.Module):
         early = config.conv_before_upsample and not skip_channels and stage.scale > 1
         conv = partial(ConvNormAct, norm=config.norm, act=config.act)
         self.pre = conv(in_channels, stage.width) if early else nn.Identity()
-        self.upsample = Upsample(stage.width if early else in_channels, stage.scale, config.upsample,
-                                 config.blur if blur is None else blur, config.norm, config.act)
+        self.upsample = Upsample(stage.width if early else in_channels, stage.scale, mode=config.upsample,
+                                 blur=config.blur if blur is None else blur, norm=config.norm, act=config.act)
         up = self.upsample.out_channels
         self.gate = AttentionGate(up, skip_channels, config.norm) if config.attention_gates and skip_channels else None
         self.convs = nn.Sequential(conv(up, stage.width)) if early else nn.Sequential(conv(up + skip_channels, stage.width),
