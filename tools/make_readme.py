@@ -5,13 +5,17 @@ this project builds from; this script does the same job for our index notebook: 
 are, code cells as python blocks with their outputs (markdown as it is, text fenced, pictures left out),
 `#| hide` cells left out, `#| echo: false` cells shown by their output only, nbdev directives dropped.
 A markdown line `<!-- include: PATH -->` is replaced by that file (PATH from the repository root): the
-performance section comes from the benchmarks' own output that way, not typed by hand.
+performance section comes from the benchmarks' own output that way, not typed by hand. A markdown line
+`<!-- layout -->` is replaced by a table of the package's modules, made from the package itself: each module
+(`fastunet/**/*.py` but `__init__.py` and `_modidx.py`), grouped by sub-package in layer order, with the first
+sentence of its docstring and the notebook it is exported from (`nbs/NN_<module path>.ipynb`).
 
     python tools/make_readme.py          # write README.md
     python tools/make_readme.py --check  # exit 1 if README.md is not what the notebook makes
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -20,6 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = re.compile(r'<!-- include: (\S+) -->')
+LAYOUT = '<!-- layout -->'
+PACKAGE = 'fastunet'
+LAYERS = ('encoders', 'unet', 'learner', 'pipeline')   # lowest first; modules at the package's top level come last
+NOTEBOOK_NAME = re.compile(r'(\d+)([a-z]*)_(.+)\.ipynb')
 
 
 def _source(cell: dict) -> str:
@@ -27,12 +35,54 @@ def _source(cell: dict) -> str:
     return ''.join(src) if isinstance(src, list) else src
 
 
+def first_sentence(docstring: str) -> str:
+    "The docstring's first sentence, on one line (all of it when no sentence ends before its end)."
+    text = ' '.join(docstring.split())
+    match = re.match(r'(.+?[.!?])(?=\s+[A-Z`"(]|$)', text)
+    return match.group(1) if match else text
+
+
+def _notebook_of(module: str) -> str:
+    "The notebook `nbs/NN_<module>.ipynb` that `module` (dotted, below the package) is exported from."
+    found = [p.name for p in (ROOT / 'nbs').glob(f'*_{module}.ipynb') if (m := NOTEBOOK_NAME.fullmatch(p.name)) and m.group(3) == module]
+    if len(found) != 1: raise SystemExit(f'{PACKAGE}.{module}: expected one notebook nbs/NN_{module}.ipynb, found {found or "none"}')
+    return found[0]
+
+
+def _layout_order(subpackage: str, notebook: str) -> tuple:
+    "Sub-packages in layer order (others after them, by name), the package's top-level modules last; then notebook number."
+    group = (0, LAYERS.index(subpackage), '') if subpackage in LAYERS else (1, 0, subpackage) if subpackage else (2, 0, '')
+    number, suffix, _ = NOTEBOOK_NAME.fullmatch(notebook).groups()
+    return group + (int(number), suffix)
+
+
+def layout_table() -> str:
+    "A markdown table of every module of the package: sub-package, module, its docstring's first sentence, its notebook."
+    rows = []
+    for path in sorted((ROOT / PACKAGE).rglob('*.py')):
+        if path.name in ('__init__.py', '_modidx.py'): continue
+        parts = path.relative_to(ROOT / PACKAGE).with_suffix('').parts
+        subpackage, module = '.'.join(parts[:-1]), '.'.join(parts)
+        notebook = _notebook_of(module)
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding='utf-8'), filename=str(path))) or ''
+        rows.append((_layout_order(subpackage, notebook), subpackage, parts[-1], first_sentence(docstring).replace('|', '\\|'), notebook))
+    lines = ['| sub-package | module | what it holds | notebook |', '|---|---|---|---|']
+    previous = None
+    for _, subpackage, name, summary, notebook in sorted(rows):
+        package = '.'.join(filter(None, (PACKAGE, subpackage)))
+        lines.append(f'| {f"`{package}`" if package != previous else ""} | `{name}` | {summary} | [`{notebook}`](nbs/{notebook}) |')
+        previous = package
+    return '\n'.join(lines)
+
+
 def _include(markdown: str) -> str:
-    "Replace `<!-- include: PATH -->` lines with the file's text."
+    "Replace `<!-- include: PATH -->` lines with the file's text, and a `<!-- layout -->` line with the modules' table."
     lines = []
     for line in markdown.splitlines():
         match = INCLUDE.fullmatch(line.strip())
-        lines.append((ROOT / match.group(1)).read_text(encoding='utf-8').strip() if match else line)
+        if match: line = (ROOT / match.group(1)).read_text(encoding='utf-8').strip()
+        elif line.strip() == LAYOUT: line = layout_table()
+        lines.append(line)
     return '\n'.join(lines)
 
 
