@@ -2,8 +2,12 @@
 
 `nbdev-readme` renders through Quarto, a binary that cannot be installed from the package registries
 this project builds from; this script does the same job for our index notebook: markdown cells as they
-are, code cells as python blocks with their outputs (markdown as it is, text fenced, pictures left out),
+are, code cells as python blocks with their outputs (markdown as it is, text fenced, pictures as PNG files),
 `#| hide` cells left out, `#| echo: false` cells shown by their output only, nbdev directives dropped.
+Each picture (an `image/png` output) is written to `nbs/images/readme_<cell id>[_<n>].png`, only when its bytes
+change, and shown as a markdown image with a path relative to the repository root, so it renders on the repository's
+page; its alternative text is the cell's `#| fig-alt:` (or `#| fig-cap:`), else the cell's last line of code.
+`readme_*.png` files there that the notebook no longer makes are removed.
 A markdown line `<!-- include: PATH -->` is replaced by that file (PATH from the repository root): the
 performance section comes from the benchmarks' own output that way, not typed by hand. A markdown line
 `<!-- layout -->` is replaced by a table of the package's modules, made from the package itself: each module
@@ -11,11 +15,12 @@ performance section comes from the benchmarks' own output that way, not typed by
 sentence of its docstring and the notebook it is exported from (`nbs/NN_<module path>.ipynb`).
 
     python tools/make_readme.py          # write README.md
-    python tools/make_readme.py --check  # exit 1 if README.md is not what the notebook makes
+    python tools/make_readme.py --check  # exit 1 if README.md or a picture is not what the notebook makes
 """
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import re
 import sys
@@ -27,6 +32,7 @@ INCLUDE = re.compile(r'<!-- include: (\S+) -->')
 LAYOUT = '<!-- layout -->'
 PACKAGE = 'fastunet'
 LAYERS = ('encoders', 'unet', 'learner', 'pipeline')   # lowest first; modules at the package's top level come last
+IMAGES = ROOT / 'nbs' / 'images'   # the README's pictures: readme_<cell id>[_<n>].png
 NOTEBOOK_NAME = re.compile(r'(\d+)([a-z]*)_(.+)\.ipynb')
 
 
@@ -114,7 +120,7 @@ def _markdown_table(html: str) -> str:
 
 
 def _render_output(output: dict) -> str | None:
-    "Tables and markdown as markdown (fastai's training table, show_doc), text fenced; pictures and object reprs left out."
+    "Tables and markdown as markdown (fastai's training table, show_doc), text fenced; object reprs left out (pictures: `render`)."
     data = output.get('data', {})
     if '<table' in _text(data.get('text/html', '')): return _markdown_table(_text(data['text/html']))
     if 'text/markdown' in data:   # show_doc's link to the source needs the docs site: left out
@@ -127,9 +133,28 @@ def _render_output(output: dict) -> str | None:
     return '```\n' + text + '\n```'
 
 
-def render(notebook: Path) -> str:
-    parts = []
-    for cell in json.loads(notebook.read_text(encoding='utf-8'))['cells']:
+def _directive(directives: list[str], name: str) -> str | None:
+    "The value of `#| name: value`, if the cell has it."
+    for d in directives:
+        key, _, value = d[2:].partition(':')
+        if key.strip() == name and value.strip(): return value.strip()
+    return None
+
+
+def _pictures(cell: dict, index: int, body: str, directives: list[str]) -> dict[int, tuple[str, bytes, str]]:
+    "The cell's PNG outputs by output number: file name, bytes and alternative text."
+    stem = f"readme_{cell.get('id') or index}"
+    alt = _directive(directives, 'fig-alt') or _directive(directives, 'fig-cap') or body.splitlines()[-1].strip()
+    pngs = [(k, base64.b64decode(_text(o['data']['image/png']))) for k, o in enumerate(cell.get('outputs', []))
+            if 'image/png' in o.get('data', {})]
+    return {k: (f'{stem}.png' if n == 0 else f'{stem}_{n}.png', png, alt.replace('[', '(').replace(']', ')'))
+            for n, (k, png) in enumerate(pngs)}
+
+
+def render(notebook: Path) -> tuple[str, dict[str, bytes]]:
+    "The README's text, and its pictures by file name (in `IMAGES`)."
+    parts, images = [], {}
+    for index, cell in enumerate(json.loads(notebook.read_text(encoding='utf-8'))['cells']):
         text = _source(cell)
         lines = text.splitlines()
         directives = [l.strip() for l in lines if l.startswith('#|')]
@@ -140,17 +165,37 @@ def render(notebook: Path) -> str:
             parts.append(_include(body))
             continue
         if '#|echo:false' not in [d.replace(' ', '') for d in directives]: parts.append(f'```python\n{body}\n```')
-        parts.extend(filter(None, map(_render_output, cell.get('outputs', []))))
-    return '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n' + '\n\n'.join(parts) + '\n'
+        pictures = _pictures(cell, index, body, directives)
+        for k, output in enumerate(cell.get('outputs', [])):
+            if k in pictures:
+                name, png, alt = pictures[k]
+                images[name] = png
+                parts.append(f'![{alt}]({IMAGES.relative_to(ROOT).as_posix()}/{name})')
+            elif (rendered := _render_output(output)) is not None: parts.append(rendered)
+    readme = '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n' + '\n\n'.join(parts) + '\n'
+    return readme, images
+
+
+def _stale_pictures(images: dict[str, bytes]) -> list[Path]:
+    "README pictures on disk that the notebook no longer makes."
+    return sorted(p for p in IMAGES.glob('readme_*.png') if p.name not in images)
 
 
 def main() -> int:
-    readme, text = ROOT / 'README.md', render(ROOT / 'nbs' / 'index.ipynb')
+    readme, (text, images) = ROOT / 'README.md', render(ROOT / 'nbs' / 'index.ipynb')
     if '--check' in sys.argv:
-        if not readme.exists() or readme.read_text(encoding='utf-8') != text:
-            print('README.md is not what nbs/index.ipynb makes: run python tools/make_readme.py')
+        wrong = [] if readme.exists() and readme.read_text(encoding='utf-8') == text else [readme]
+        wrong += [IMAGES / name for name, png in images.items() if not (IMAGES / name).is_file() or (IMAGES / name).read_bytes() != png]
+        wrong += _stale_pictures(images)
+        if wrong:
+            print(f"{', '.join(p.relative_to(ROOT).as_posix() for p in wrong)}: not what nbs/index.ipynb makes: run python tools/make_readme.py")
             return 1
         return 0
+    for name, png in images.items():   # written only when the bytes change, so an unchanged picture keeps its file
+        if not (IMAGES / name).is_file() or (IMAGES / name).read_bytes() != png:
+            IMAGES.mkdir(parents=True, exist_ok=True)
+            (IMAGES / name).write_bytes(png)
+    for stale in _stale_pictures(images): stale.unlink()
     readme.write_text(text, encoding='utf-8')
     return 0
 
