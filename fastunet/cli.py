@@ -43,7 +43,8 @@ def demo(argv: list[str]) -> dict:
     "K-fold training, fold ensemble with flip TTA and a submission, on generated salt-like data."
     from fastcore.script import anno_parser
     from fastunet.pipeline.demo import run_demo
-    return run_demo(**vars(anno_parser(run_demo, prog='fastunet demo').parse_args(argv)))    # its parameters' comments are the help
+    given = vars(anno_parser(run_demo, prog='fastunet demo').parse_args(argv))    # its parameters' comments are the help
+    return run_demo(**{name: value for name, value in given.items() if name not in ('pdb', 'xtra')})   # fastcore's own flags
 
 def train(argv: list[str]) -> dict:
     """Train (or resume) k folds on a folder of images and masks. Under `torchrun` / `accelerate launch`

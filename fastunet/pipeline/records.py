@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,14 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .files import atomic_write, this_writer, writer_gone
-
-from ..unet.config import UnetConfig
+from .files import this_writer, writer_gone
+from .state import (MUST_AGREE, STATE_SCHEMA, FoldRecord, RunRecord, read_fold_record, read_run_record,
+                                     write_fold_record, write_run_record)
 
 # %% auto #0
-__all__ = ['RUN_FILE', 'NOT_STARTED', 'MUST_AGREE', 'read_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem',
-           'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold_nonempty',
-           'out_of_fold']
+__all__ = ['RUN_FILE', 'NOT_STARTED', 'read_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem', 'fold_paths',
+           'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold_nonempty', 'out_of_fold']
 
 # %% ../../nbs/34_pipeline.records.ipynb #1c573c5b
 RUN_FILE = 'run.json'
@@ -33,16 +33,10 @@ RUN_FILE = 'run.json'
 def _run_id(definition: dict) -> str:
     return hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
 
-def read_run(out_dir: str | Path) -> dict | None:
+def read_run(out_dir: str | Path) -> RunRecord | None:
     "The run record of `out_dir` (None where there is none: a new folder, or folds from before run records)."
     path = Path(out_dir) / RUN_FILE
-    if not path.exists(): return None
-    try: run = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"run record '{path}' is damaged ({e}): start the run over (--restart, or restart=True)") from e
-    if not {'run_id', 'definition', 'folds'} <= set(run):
-        raise ValueError(f"run record '{path}' lacks run_id, definition or folds: start the run over (--restart, or restart=True)")
-    return run
+    return read_run_record(path) if path.exists() else None
 
 def _flat(definition: dict, prefix: str = '') -> dict:
     "Nested settings under dotted names (learner.loss_func), so that a change names the one setting that changed."
@@ -73,15 +67,15 @@ def _finished_folds(out_dir: Path, run_id: str) -> list[int]:
     "The folds whose record says they were finished by run `run_id`."
     finished = []
     for path in _fold_files(out_dir, '.json'):
-        try: record = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError): continue
-        if isinstance(record, dict) and record.get('run_id') == run_id: finished.append(int(_FOLD_FILE.match(path.name)[1]))
+        try: record = read_fold_record(path)
+        except ValueError: continue                 # damaged: not finished
+        if record.run_id == run_id: finished.append(record.fold)
     return finished
 
-def _abandoned(out_dir: Path, run: dict) -> bool:
+def _abandoned(out_dir: Path, run: RunRecord) -> bool:
     "Did `run` finish no fold, and is the process that works on it gone (or this one: a notebook's earlier call)?"
     if _finished_folds(out_dir, run['run_id']): return False
-    return run.get('writer') == this_writer() or writer_gone(run.get('writer'), out_dir / RUN_FILE)
+    return run.writer == this_writer() or writer_gone(run.writer, out_dir / RUN_FILE)
 
 def open_run(out_dir: str | Path,                 # the run folder
              definition: dict,                    # the arguments that define the run (JSON values)
@@ -89,11 +83,11 @@ def open_run(out_dir: str | Path,                 # the run folder
              write: bool = True,                  # write run.json if the folder has none (False: only check, e.g. DDP ranks > 0)
              fixes: dict[str, str] | None = None, # how a user restarts or writes elsewhere, in their words ('restart', 'out')
              task: dict | None = None             # what the run predicts (`Task.as_dict`), recorded beside its definition (not part of its id)
-             ) -> dict:
+             ) -> RunRecord:
     "The run record of `out_dir`: made from `definition` in a new folder, checked against it in one that has a run."
     fixes = dict(dict(restart='pass restart=True', out='pass another out_dir'), **(fixes or {}))
     out_dir, folds = Path(out_dir), [int(f) for f in folds]
-    run = dict(run_id=_run_id(dict(definition, folds=folds)), folds=folds, definition=definition)
+    run = RunRecord(_run_id(dict(definition, folds=folds)), folds, definition, task=task, schema=STATE_SCHEMA)
     existing = read_run(out_dir)
     if existing is not None and existing['run_id'] != run['run_id'] and _abandoned(out_dir, existing):
         if write:                                # it failed or was stopped in its first fold: nothing of it is worth keeping
@@ -106,20 +100,19 @@ def open_run(out_dir: str | Path,                 # the run folder
             raise ValueError(f"'{out_dir}' holds a run made with other arguments ({_changes(then, now)}). To resume it, give the "
                              f"arguments it was made with; to keep it and start another, {fixes['out']}; to replace it, "
                              f"{fixes['restart']} (which deletes its folds).")
-        if existing.get('task', task) != task and task is not None:
-            raise ValueError(f"'{out_dir}' holds a run whose task is {existing['task']}; this one's is {task}. To keep it and start "
+        if task is not None and existing.task not in (None, task):
+            raise ValueError(f"'{out_dir}' holds a run whose task is {existing.task}; this one's is {task}. To keep it and start "
                              f"another, {fixes['out']}; to replace it, {fixes['restart']} (which deletes its folds).")
         # this process now works on the run (a run from before tasks were recorded gets its task)
-        if write and (existing.get('writer') != this_writer() or (task is not None and 'task' not in existing)):
-            existing = dict(existing, writer=this_writer(), **({'task': task} if task is not None else {}))
-            atomic_write(out_dir / RUN_FILE, lambda p: p.write_text(json.dumps(existing, indent=1)))
+        if write and (existing.writer != this_writer() or (task is not None and existing.task is None)):
+            existing = replace(existing, writer=this_writer(), task=task if task is not None else existing.task, schema=STATE_SCHEMA)
+            write_run_record(out_dir / RUN_FILE, existing)
         return existing
     if write and (_fold_files(out_dir, '.json') or _fold_files(out_dir, '.pth')):
         raise ValueError(f"'{out_dir}' holds folds but no run record ({RUN_FILE}): they were written by an older fastunet, and "
                          f"which arguments made them is unknown. To keep them, {fixes['out']}; to replace them, {fixes['restart']}.")
-    if task is not None: run['task'] = task
-    run['writer'] = this_writer()               # who works on it: a run in progress is not taken for an abandoned one
-    if write: atomic_write(out_dir / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1)))
+    run = replace(run, writer=this_writer())    # who works on it: a run in progress is not taken for an abandoned one
+    if write: write_run_record(out_dir / RUN_FILE, run)
     return run
 
 # %% ../../nbs/34_pipeline.records.ipynb #9b13a7a1
@@ -140,11 +133,11 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     missing = [kind for kind, path in paths.items() if not path.exists()]
     if len(missing) == len(paths): return NOT_STARTED
     if missing: return f"its {' and '.join(missing)} file(s) are missing (a run stopped while writing it)"
-    try: record = json.loads(paths['record'].read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: return f"its record '{paths['record']}' is not valid JSON ({e})"
-    if record.get('run_id') != run['run_id']: return 'it was written by another run'
-    if record.get('valid_index') != [int(i) for i in valid_index]: return "its validation items are not this run's"
-    if not math.isfinite(record.get('score', math.nan)): return f"its best {record.get('monitor', 'score')} is {record.get('score')}"
+    try: record = read_fold_record(paths['record'])
+    except ValueError as e: return f"its {str(e).split(': retrain')[0]}"          # damaged: named
+    if record.run_id != run['run_id']: return 'it was written by another run'
+    if record.valid_index != [int(i) for i in valid_index]: return "its validation items are not this run's"
+    if not isinstance(record.score, (int, float)) or not math.isfinite(record.score): return f"its best {record.monitor or 'score'} is {record.score}"
     try: state = torch.load(paths['weights'], map_location='cpu', weights_only=True)
     except Exception as e: return f"its weights '{paths['weights']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if not isinstance(state, dict) or not state: return f"its weights '{paths['weights']}' hold no state dict"
@@ -153,50 +146,36 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     except Exception as e: return f"its out-of-fold predictions '{paths['oof']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
     if n_predictions != len(valid_index):
         return f"its out-of-fold predictions hold {n_predictions} items, its validation set {len(valid_index)}"
-    if (record.get('config') or {}).get('classifier') and not _probabilities(record.get('oof_nonempty'), len(valid_index)):
+    if record.config.get('classifier') and not _probabilities(record.oof_nonempty, len(valid_index)):
         return "its record lacks the empty-mask classifier's out-of-fold probabilities (one in [0, 1] per validation item)"
     return None
 
 # %% ../../nbs/34_pipeline.records.ipynb #dd10363c
-MUST_AGREE = ('arch', 'encoder_kwargs', 'n_in', 'n_out', 'config', 'normalize', 'activation')   # what makes folds one model
-_DEFAULTS = {'encoder_kwargs': {}}          # fields added since records were first written, with their meaning then
-_REQUIRED = tuple(k for k in ('fold', 'valid_index', 'score', *MUST_AGREE) if k not in _DEFAULTS)
-
 def fold_paths(out_dir: str | Path, fold: int) -> dict[str, Path]:
     "The files of fold `fold` in `out_dir`: 'weights', 'oof' and 'record'."
     out_dir = Path(out_dir)
     return {'weights': out_dir / f'fold_{fold}.pth', 'oof': out_dir / f'fold_{fold}_oof.npy', 'record': out_dir / f'fold_{fold}.json'}
 
-def save_fold_record(out_dir: str | Path, record: dict) -> Path:
-    "Write `record` as fold `record['fold']`'s JSON, atomically: the last file of a fold, so it marks the fold done."
-    return atomic_write(fold_paths(out_dir, record['fold'])['record'], lambda p: p.write_text(json.dumps(record, indent=1)))
+def save_fold_record(out_dir: str | Path, record: FoldRecord | dict) -> Path:
+    "Write `record` (checked) as fold `record['fold']`'s JSON, atomically: the last file of a fold, so it marks the fold done."
+    return write_fold_record(fold_paths(out_dir, record['fold'])['record'], record)
 
 # %% ../../nbs/34_pipeline.records.ipynb #ffb3ab1c
-def _read_records(out_dir: str | Path) -> list[dict]:
-    "The fold records in `out_dir` (possibly none), ordered by fold."
-    records = []
-    for path in _fold_files(Path(out_dir), '.json'):
-        try: record = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"fold record '{path}' is not valid JSON ({e}): retrain that fold") from e
-        missing = [key for key in _REQUIRED if key not in record]
-        if missing: raise ValueError(f"fold record '{path}' lacks {missing} (written by another version of fastunet?): retrain that fold")
-        record = {**_DEFAULTS, **record}
-        record['config'] = UnetConfig(**record['config']).as_dict()   # options added since then, at their defaults, compare equal
-        records.append(record)
-    return sorted(records, key=lambda r: r['fold'])
+def _read_records(out_dir: str | Path) -> list[FoldRecord]:
+    "The fold records in `out_dir` (possibly none), ordered by fold; a damaged one is named."
+    return sorted((read_fold_record(path) for path in _fold_files(Path(out_dir), '.json')), key=lambda r: r.fold)
 
-def _check_complete(model_dir: Path, records: list[dict], wanted: list[int] | None) -> list[dict]:
+def _check_complete(model_dir: Path, records: list[FoldRecord], wanted: list[int] | None) -> list[FoldRecord]:
     "The records of the folds `wanted` (default: every fold of the run), refusing folds of another run and missing ones."
     run = read_run(model_dir)
     if run is not None:
-        strangers = [r['fold'] for r in records if r.get('run_id') != run['run_id'] and (wanted is None or r['fold'] in wanted)]
+        strangers = [r['fold'] for r in records if r.run_id != run.run_id and (wanted is None or r['fold'] in wanted)]
         if strangers:
             raise ValueError(f"fold(s) {strangers} in '{model_dir}' were written by another run than the one its run.json "
                              f"describes: delete them, or retrain them by rerunning the training command of this run")
         expected = run['folds']
     else:                                        # records written before runs had a run.json: their own fold count
-        counts = {r['fold']: r['n_folds'] for r in records if 'n_folds' in r}
+        counts = {r.fold: r.n_folds for r in records if r.n_folds is not None}
         if len(set(counts.values())) > 1:
             raise ValueError(f"the folds in '{model_dir}' come from runs of different fold counts ({counts}): they cannot be ensembled")
         expected = list(range(next(iter(counts.values())))) if counts else [r['fold'] for r in records]
@@ -215,7 +194,7 @@ def _check_complete(model_dir: Path, records: list[dict], wanted: list[int] | No
 
 def load_fold_records(model_dir: str | Path,                # a run folder written by `train_folds`
                       folds: Sequence[int] | None = None     # only these folds (default: all the run's folds, every one finished)
-                      ) -> list[dict]:
+                      ) -> list[FoldRecord]:
     "The fold records of `model_dir`: every fold of its run present, none from another run, all describing one model."
     records = _read_records(model_dir)
     if not records: raise FileNotFoundError(f"no fold records (fold_*.json) in '{model_dir}': train with train_folds first")

@@ -74,8 +74,13 @@ class Thresholds:
 # %% ../../nbs/38a_pipeline.thresholds.ipynb #e0a3284b
 def write_thresholds(model_dir: str | Path, thresholds: Thresholds, task: Task) -> Path:
     "Write `thresholds` for `task` into `model_dir/threshold.json`, atomically."
-    document = dict(schema=THRESHOLDS_SCHEMA, task=task.as_dict(), thresholds=list(thresholds.values),
-                    min_areas=list(thresholds.min_areas), classifier_threshold=thresholds.classifier_threshold, run_id=thresholds.run_id)
+    document = dict(schema=THRESHOLDS_SCHEMA, task=task.as_dict())
+    # the keys of fastunet 0.1.0, which users' scripts read: scalars for a binary task, a list per mask otherwise
+    if task.kind == 'binary': document.update(threshold=thresholds.threshold, min_area=thresholds.min_area)
+    else: document.update(thresholds=list(thresholds.values), min_areas=list(thresholds.min_areas))
+    if task.kind == 'multilabel': document['labels'] = list(task.labels)
+    if thresholds.classifier_threshold is not None: document['classifier_threshold'] = thresholds.classifier_threshold
+    document['run_id'] = thresholds.run_id
     return atomic_write(Path(model_dir) / THRESHOLDS_FILE, lambda p: p.write_text(json.dumps(document, indent=1)))
 
 def _document(path: Path) -> dict | None:
@@ -112,8 +117,8 @@ def read_thresholds(model_dir: str | Path, task: Task, run_id: str | None = None
 def run_task(model_dir: str | Path, record: dict, run: dict | None = None) -> Task:
     "The task of the run in `model_dir`, whose fold `record` (a dict, as `load_fold_records` gives) was read."
     run = read_run(model_dir) if run is None else run
-    if run is not None and 'task' in run: return Task.from_dict(run['task'], f"'{Path(model_dir) / 'run.json'}'")
-    if 'task' in record: return Task.from_dict(record['task'], f"fold {record.get('fold')}'s record")
+    if run is not None and run.get('task') is not None: return Task.from_dict(run['task'], f"'{Path(model_dir) / 'run.json'}'")
+    if record.get('task') is not None: return Task.from_dict(record['task'], f"fold {record.get('fold')}'s record")
     labels = (run or {}).get('definition', {}).get('labels')          # fastunet 0.1.0: a --multilabel run kept its labels there
     if labels is None:
         try: labels = (_document(Path(model_dir) / THRESHOLDS_FILE) or {}).get('labels')   # or, without run.json, here
