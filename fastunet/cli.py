@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def main():
         print(unknown + _usage())
         sys.exit(0 if asked_help else 2)
     command = sys.argv[1]
+    # fastai's import scripts a function with torch.jit, which torch 2.14 calls deprecated: not the user's concern
+    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
     # SIGTERM (a scheduler's time limit, `kill`) ends the command as Ctrl-C does: temporary files and folders are removed
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try: COMMANDS[command](sys.argv[2:])
