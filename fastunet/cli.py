@@ -21,11 +21,14 @@ __all__ = ['COMMANDS', 'options_parser', 'parsed_options', 'demo', 'train', 'pre
 # %% ../nbs/41_cli.ipynb #b6c597d0
 def options_parser(prog: str, description: str, record_type: type, positionals: dict[str, str]) -> argparse.ArgumentParser:
     "An argument parser with `positionals` and a flag per field of `record_type` (an options record), its help beside it."
+    from fastunet.pipeline.options import option_flag
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, help in positionals.items(): parser.add_argument(name, help=help)
     for field in fields(record_type):
-        flag, help = field.metadata.get('flag') or '--' + field.name.replace('_', '-'), field.metadata['help']
-        if field.default is True: parser.add_argument('--no-' + flag[2:], dest=field.name, action='store_false', default=argparse.SUPPRESS, help=help)
+        flag, help = option_flag(field), field.metadata['help']
+        if field.default is True:
+            parser.add_argument('--no-' + flag[2:], dest=field.name, action='store_false', default=argparse.SUPPRESS,
+                                help=field.metadata.get('negative') or f'turn off: {help}')
         elif field.default is False: parser.add_argument(flag, dest=field.name, action='store_true', default=argparse.SUPPRESS, help=help)
         else:
             default = '' if field.default is None else f' (default: {",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default})'

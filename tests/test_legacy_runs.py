@@ -47,3 +47,16 @@ def test_the_command_line_predicts_an_older_run_on_the_device_asked_for(tmp_path
     refused = subprocess.run([*command[:-1], 'cuda:7'], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and '--device cuda:7' in refused.stderr and 'Traceback' not in refused.stderr, refused.stderr
     assert "--device must be 'cpu', 'cuda' or 'cuda:N'" in subprocess.run([*command[:-1], 'gpu'], capture_output=True, text=True).stderr
+
+
+def test_a_run_of_fastunet_0_1_resumes_today(tmp_path):
+    "Today's `run_training` defines the run as 0.1.0 did (the run id is a digest of that definition), so its runs resume."
+    from fastunet.learner.synthetic import make_synthetic_dataset
+    from fastunet.pipeline.records import read_run
+    from fastunet.pipeline.workflow import run_training
+    data = make_synthetic_dataset(tmp_path / 'train', n_images=24, size=(48, 48), seed=0)      # the fixture's training data
+    run_training(data, tmp_path / 'run', arch='unet', encoder_kwargs={'features': 4, 'depth': 2}, n_folds=2, epochs=12, lr=1e-2, bs=4,
+                 config='paper', classifier=True)
+    then, now = read_run(RUNS / 'bin' / 'models'), read_run(tmp_path / 'run' / 'models')
+    assert {k: v for k, v in now['definition'].items() if k != 'data'} == {k: v for k, v in then['definition'].items() if k != 'data'}
+    assert now['folds'] == then['folds'] and now['task'] == Task.binary().as_dict() and then.get('task') is None

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import multiprocessing
 import os
-from dataclasses import replace
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -23,15 +23,16 @@ from ..learner.data import image_array
 from .records import fold_paths, load_fold_records, read_run
 from ..learner.distributed import unwrap_model
 from .inference import inference_model
-from .options import PredictOptions
+from .options import PREDICT_OPTION_NAMES, PredictOptions
 from .task import Task
-from .thresholds import read_thresholds, run_task
+from .training import check_whole
+from .thresholds import Thresholds, read_thresholds, run_task
 from .tta import OUTPUT_ACTIVATIONS, transform_tta, tta_transforms
 from ..unet.config import UnetConfig
 from ..unet.model import MoreDynamicUnet
 
 # %% auto #0
-__all__ = ['default_workers', 'FoldEnsemble']
+__all__ = ['ENSEMBLE_OPTIONS', 'NO_CLASSIFIER', 'default_workers', 'FoldEnsemble']
 
 # %% ../../nbs/37_pipeline.ensemble.ipynb #fddabf5f
 def _decode(item, n_in: int) -> torch.Tensor:
@@ -63,21 +64,39 @@ def default_workers(device: str | torch.device = 'cpu') -> int:
     spare = cores // 2 if torch.device(device).type == 'cuda' else cores - torch.get_num_threads()
     return max(0, min(4, spare))
 
+ENSEMBLE_OPTIONS = ('tta', 'tta_scales', 'tta_merge', 'tta_pass_pixels', 'bs', 'num_workers', 'folds', 'device', 'autocast', 'compile',
+                    'fold_bn', 'classifier_threshold')   # the fields of `PredictOptions` an ensemble uses: the others make submissions
+NO_CLASSIFIER = ("--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); these have none: "
+                 "leave out classifier_threshold={}")
+
+def _ensemble_options(options: PredictOptions | None, option_fields: dict) -> PredictOptions:
+    "The options as the ensemble takes them; a keyword that only a submission uses (threshold, wide, …) is refused, not ignored."
+    unused = sorted(set(option_fields) - set(ENSEMBLE_OPTIONS) - {f for f in option_fields if f not in PREDICT_OPTION_NAMES})
+    if unused: raise ValueError(f"FoldEnsemble gives probabilities: {unused} apply to submissions (run_prediction, fastunet predict); "
+                                f"the ensemble takes {list(ENSEMBLE_OPTIONS)}")
+    return PredictOptions.of(options, **option_fields)
+
 class FoldEnsemble:
     "Fold models averaged, each with TTA (a horizontal flip by default), streamed batch by batch."
     def __init__(self,
                  models: Sequence[MoreDynamicUnet],         # the fold models, built alike (left unchanged: the ensemble keeps prepared copies)
-                 record: dict,                              # a fold record: channels (n_in), outputs (n_out), normalisation, activation
+                 record: Mapping,                           # a fold record: channels (n_in), outputs (n_out), normalisation, activation
                  options: PredictOptions | None = None,     # how to predict: device, autocast, compile, TTA, classifier threshold (see `PredictOptions`)
                  task: Task | None = None,                  # what the models predict (default: from the record's outputs and activation)
-                 **option_fields):                          # or `PredictOptions`'s fields as keywords: device='cpu', tta_scales=(0.75, 1), …
-        self.options = options = PredictOptions.of(options, **option_fields)
+                 thresholds: Thresholds | None = None,      # the run's chosen thresholds: the classifier's is used where `options` gives none
+                 **option_fields):                          # or the fields of `ENSEMBLE_OPTIONS` as keywords: device='cpu', tta_scales=(0.75, 1), …
+        self.options = options = _ensemble_options(options, option_fields)
         self.task = task if task is not None else Task.of_model(record['n_out'], record['activation'])
+        if (self.task.n_out, self.task.activation) != (record['n_out'], record['activation']):
+            raise ValueError(f"the {self.task.kind} task has {self.task.n_out} output(s) and a {self.task.activation}; the folds' record "
+                             f"{record['n_out']} and a {record['activation']}: they are not one model")
         self.has_classifier = all(getattr(unwrap_model(m), 'classifier', None) is not None for m in models)
         if options.classifier_threshold and not self.has_classifier:      # it would gate nothing: say so rather than ignore it
-            raise ValueError(f"--classifier-threshold applies to folds trained with an empty-mask classifier (--classifier); these "
-                             f"have none: leave out classifier_threshold={options.classifier_threshold}")
-        self.classifier_threshold = options.classifier_threshold if self.has_classifier else None
+            raise ValueError(NO_CLASSIFIER.format(options.classifier_threshold))
+        self.thresholds = thresholds
+        chosen = None if thresholds is None else thresholds.classifier_threshold
+        # the user's threshold, else the one chosen in training; 0: not used. Tiled prediction never gates (`tile_predictor`).
+        self.classifier_threshold = (options.classifier_threshold if options.classifier_threshold is not None else chosen) if self.has_classifier else None
         self.device = options.torch_device()
         # each fold as an `inference_model`: batch norm folded, the device's memory format; `.model` is the folded network
         self.models = [inference_model(m, device=self.device, fold_bn=options.fold_bn, autocast=options.autocast, compile=options.compile)
@@ -92,18 +111,18 @@ class FoldEnsemble:
     def from_dir(cls,
                  model_dir: str | Path,                    # a run folder written by `train_folds`
                  options: PredictOptions | None = None,    # how to predict; `options.folds`: only these folds (default: every fold of the run)
-                 **option_fields                           # or `PredictOptions`'s fields as keywords: device='cpu', folds=[0, 2], …
+                 **option_fields                           # or the fields of `ENSEMBLE_OPTIONS` as keywords: device='cpu', folds=[0, 2], …
                  ) -> FoldEnsemble:
         """Load the folds of `model_dir`: every fold of its run unless `folds` says which; a missing or stray fold is refused.
-        The task comes from the run's record. With an empty-mask classifier and no `classifier_threshold`, the one
-        `fastunet train` chose (`threshold.json`), else none."""
-        options = PredictOptions.of(options, **option_fields)
+        The task and the chosen thresholds come from the run's records: with an empty-mask classifier and no
+        `classifier_threshold`, the one `fastunet train` chose (`threshold.json`) gates whole images, else none."""
+        options = _ensemble_options(options, option_fields)
         records, models = load_fold_records(model_dir, options.folds), []
+        if options.classifier_threshold and not records[0]['config'].get('classifier'):     # before any weights load
+            raise ValueError(NO_CLASSIFIER.format(options.classifier_threshold))
         run = read_run(model_dir)
         task = run_task(model_dir, records[0], run)
-        if records[0]['config'].get('classifier') and options.classifier_threshold is None and options.tile is None:   # tiles: never
-            chosen = read_thresholds(model_dir, task, None if run is None else run['run_id']).classifier_threshold
-            options = replace(options, classifier_threshold=chosen or 0.)
+        thresholds = read_thresholds(model_dir, task, None if run is None else run['run_id'])
         for record in records:
             model = MoreDynamicUnet(resolve_arch(record['arch']), n_out=record['n_out'], n_in=record['n_in'], pretrained=False,
                                     config=UnetConfig(**record['config']), encoder_kwargs=record['encoder_kwargs'])
@@ -112,7 +131,7 @@ class FoldEnsemble:
             try: model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
             except Exception as e: raise ValueError(f"weights '{weights}' do not load into fold {record['fold']}'s model: {e}") from e
             models.append(model)
-        return cls(models, records[0], options, task)
+        return cls(models, records[0], options, task, thresholds)
 
     @property
     def n_in(self) -> int: return self.record['n_in']
@@ -183,7 +202,8 @@ class FoldEnsemble:
         "Stream (item, probabilities (n_out, H, W)) pairs, batch by batch, while background workers read the next images."
         tta = self.options.tta if tta is None else tta
         tta_transforms(tta)                     # an unknown transform refused before any image is read
-        bs = bs or self.options.bs
+        bs = self.options.bs if bs is None else bs
+        check_whole(bs, 'bs')
         if num_workers is None: num_workers = self.options.num_workers
         if num_workers is None: num_workers = default_workers(self.device)
         images = self._images(items, num_workers)

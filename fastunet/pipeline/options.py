@@ -21,13 +21,14 @@ from .training import check_learning_rate, check_whole
 from .tta import check_tta_scales, transforms_per_pass, tta_transforms
 
 # %% auto #0
-__all__ = ['option', 'option_flag', 'parse_overlap', 'parse_json_object', 'parse_option', 'check_device', 'PredictOptions',
-           'TrainOptions']
+__all__ = ['PREDICT_OPTION_NAMES', 'option', 'option_flag', 'parse_overlap', 'parse_json_object', 'parse_option',
+           'check_probability', 'check_device', 'PredictOptions', 'TrainOptions']
 
 # %% ../../nbs/38b_pipeline.options.ipynb #3474fedd
-def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, flag: str | None = None) -> Any:
-    "A field of an options record: `help` for the command line, `parse` from its text (default: the default's type), `flag` where the name differs."
-    return field(default=default, metadata=dict(help=help, parse=parse, flag=flag))
+def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, flag: str | None = None, negative: str | None = None) -> Any:
+    """A field of an options record: `help` for the command line, `parse` from its text (default: the default's type), `flag`
+    where the name differs; a switch that is on by default is turned off by --no-<name>, whose help is `negative`."""
+    return field(default=default, metadata=dict(help=help, parse=parse, flag=flag, negative=negative))
 
 def option_flag(record_field) -> str:
     "The command line's name of a field: its `flag`, or --its-name-with-dashes."
@@ -60,14 +61,17 @@ def parse_option(record_field, text: str) -> Any:
         if parse in (int, float): raise ValueError(f"{option_flag(record_field)} takes {'a whole number' if parse is int else 'a number'}, not {text!r}") from None
         raise ValueError(str(e)) from None
 
-def _probability(value, flag: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1):
-        raise ValueError(f"{flag} must be a probability in [0, 1], not {value!r}")
+def check_probability(value, name: str, optional: bool = True) -> None:
+    "Refuse `value` unless it is a probability in [0, 1] (or None, if `optional`): not NaN, not a bool, naming the option."
+    if optional and value is None: return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], not {value!r}")
 
 def _options_of(cls, options, fields_given: dict):
     "`options` (a record of `cls`, or None for the defaults) with `fields_given` replaced, checked again."
     if options is not None and not isinstance(options, cls):
-        raise ValueError(f"options must be a {cls.__name__} (or left out, with its fields as keywords), not {options!r}")
+        raise ValueError(f"options must be a {cls.__name__}, or its fields as keywords ({', '.join(f.name + '=' for f in fields(cls)[:3])} …), "
+                         f"not {options!r}: the positional arguments of fastunet 0.1.0 are keywords now")
     unknown = sorted(set(fields_given) - {f.name for f in fields(cls)})
     if unknown: raise TypeError(f"{cls.__name__} has no option(s) {unknown}; its options are {[f.name for f in fields(cls)]}")
     return replace(options, **fields_given) if options is not None else cls(**fields_given)
@@ -111,9 +115,11 @@ class PredictOptions:
     num_workers: int | None = option(None, 'background processes reading images (default: ≤ 4; half the cores with a GPU, free cores '
                                      'on CPU; 0: none)', int, flag='--workers')
     device: str | None = option(None, "where to predict: 'cpu', 'cuda' or 'cuda:N' (default: the first GPU if there is one, else the CPU)", str)
-    autocast: Any = option(True, 'on CUDA, predict in float16 (--no-autocast: float32); a torch dtype from Python')
+    autocast: Any = option(True, 'on CUDA, predict in float16 (or a torch dtype, from Python); False: float32',
+                           negative='predict in float32 on CUDA too (default: float16 autocast)')
     compile: Any = option(False, "torch.compile each fold's model, one graph per image shape (did not pay on CPU here)")
-    fold_bn: bool = option(True, 'fold batch norm into the convolutions before predicting (the same outputs within 1e-4)')
+    fold_bn: bool = option(True, 'fold batch norm into the convolutions before predicting (the same outputs within 1e-4)',
+                           negative='predict with the batch norms as trained (default: folded into the convolutions)')
     wide: bool = option(False, 'models with classes: one row per image with a column per class (default: a row per image and class)')
     header: tuple | None = option(None, "the submission's column names, e.g. 'ImageId_ClassId,EncodedPixels' (default: id,rle_mask; "
                                   "--wide: id and the classes)", lambda text: tuple(text.split(',')))
@@ -127,16 +133,18 @@ class PredictOptions:
         if isinstance(self.tta_scales, (list, tuple)): set_('tta_scales', tuple(self.tta_scales))
         if isinstance(self.folds, (list, tuple)): set_('folds', tuple(self.folds))
         if self.header is not None: set_('header', tuple(str(name).strip() for name in self.header))
+        if not isinstance(self.tta_scales, tuple): raise ValueError(f"tta_scales must be a list of factors, e.g. (0.75, 1.0, 1.25), not {self.tta_scales!r}")
         check_whole(self.bs, '--bs')
         check_whole(self.num_workers, '--workers', 0, optional=True)
         try: tta_transforms(self.tta); check_tta_scales(self.tta_scales, self.tta_merge)
         except ValueError as e: raise ValueError(f"--tta, --tta-scales or --tta-merge: {e}") from None
         try: transforms_per_pass(torch.empty(1, 1, 1, 1), self.tta_pass_pixels)
         except ValueError as e: raise ValueError(f"--tta-pass-pixels: {e}") from None
-        _probability(self.threshold, '--threshold')
-        _probability(self.classifier_threshold, '--classifier-threshold')
+        check_probability(self.threshold, '--threshold')
+        check_probability(self.classifier_threshold, '--classifier-threshold')
         check_whole(self.min_area, '--min-area', 0, optional=True)
         if self.folds is not None:
+            if not self.folds: raise ValueError("--folds names at least one fold (or leave it out: every fold of the run)")
             for fold in self.folds: check_whole(fold, '--folds (each fold)', 0)
         self._check_tiling()
         check_device(self.device)
@@ -167,6 +175,8 @@ class PredictOptions:
     def torch_device(self) -> torch.device:
         "The device to predict on: `device`, else the first GPU if there is one, else the CPU."
         return torch.device(self.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+PREDICT_OPTION_NAMES = tuple(f.name for f in fields(PredictOptions))
 
 # %% ../../nbs/38b_pipeline.options.ipynb #d7933497
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .ensemble import FoldEnsemble
 from .options import PredictOptions
 from .records import read_run
 from .submission import rle_encode, write_submission
-from .thresholds import THRESHOLDS_FILE, Thresholds, read_thresholds
+from .thresholds import THRESHOLDS_FILE, Thresholds
 from .tiling import predict_labels_tiled
 
 # %% auto #0
@@ -53,7 +53,7 @@ def tiled_rows(ensemble: FoldEnsemble,       # its options say how to tile (`til
             del labels
             if path is not None: path.unlink()
 
-def _check_tiling(ensemble: FoldEnsemble, options: PredictOptions, thresholds: Thresholds, resize: int | None) -> None:
+def _refuse_what_tiles_cannot_do(ensemble: FoldEnsemble, options: PredictOptions, thresholds: Thresholds, resize: int | None) -> None:
     "What tiles cannot do yet, refused by name; what they leave out, said."
     task = ensemble.task
     if task.kind == 'multilabel': raise ValueError("--tile does not predict multi-label models yet: predict whole images (leave out --tile)")
@@ -91,14 +91,16 @@ def run_prediction(models: str | Path,                       # folder of fold re
     refuse_shared_names(images, 'the list', full_paths=True)
     models = Path(models)
     ensemble = FoldEnsemble.from_dir(models, options)     # every fold of the run there, none from another: or a clear error
-    task, run = ensemble.task, read_run(models)
-    chosen = read_thresholds(models, task, None if run is None else run['run_id'])
+    # (the task and the chosen thresholds come with it, read from the run's records)
+    task, run, chosen = ensemble.task, read_run(models), ensemble.thresholds
+    if task.kind == 'image': raise ValueError(f"the run in '{models}' maps images to images: it writes no submission; predict its outputs "
+                                              f"with FoldEnsemble.from_dir('{models}').predict(images)")
     thresholds = chosen.overridden(options.threshold, options.min_area)
     resize = (run or {}).get('definition', {}).get('resize')
     header = submission_header(ensemble)
     def image_id(item) -> str: return Path(item).name if options.id_with_suffix else Path(item).stem
     if options.tile is not None:
-        _check_tiling(ensemble, options, thresholds, resize)
+        _refuse_what_tiles_cannot_do(ensemble, options, thresholds, resize)
         return write_submission(tiled_rows(ensemble, images, thresholds, image_id), out_csv, header)
     if ensemble.has_classifier and options.classifier_threshold is None and chosen.classifier_threshold is None:
         print(f"the empty-mask classifier's threshold was not chosen in training ({models / THRESHOLDS_FILE} has none: crops, "

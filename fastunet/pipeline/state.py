@@ -47,6 +47,7 @@ def _from_json(cls, value: dict, where: str, fix: str):
     names = {f.name for f in fields(cls)}
     missing = [f.name for f in fields(cls) if f.name not in value and f.default is MISSING and f.default_factory is MISSING]
     if missing: raise ValueError(f"{where} lacks {missing} (written by another version of fastunet?): {fix}")
+    if 'schema' not in value: value = dict(value, schema=1)        # fastunet 0.1.0 wrote no schema
     try: return cls(**{key: item for key, item in value.items() if key in names})
     except (TypeError, ValueError) as e: raise ValueError(f"{where} is damaged ({e}): {fix}") from None
 
@@ -59,7 +60,7 @@ class RunRecord(_MappingRecord):
     definition: dict
     task: dict | None = None       # `Task.as_dict()`; None: a run of fastunet 0.1.0, whose task its fold records tell
     writer: dict | None = None     # the process working on it (host, pid): a run in progress is not taken for an abandoned one
-    schema: int = 1                # a record without one is 0.1.0's; a new run's is STATE_SCHEMA
+    schema: int = STATE_SCHEMA     # a file without one is 0.1.0's: read as 1
 
     def __post_init__(self):
         if not isinstance(self.run_id, str) or not isinstance(self.folds, list) or not isinstance(self.definition, dict):
@@ -107,7 +108,7 @@ class FoldRecord(_MappingRecord):
     seconds: float | None = None
     versions: dict = field(default_factory=dict)
     task: dict | None = None           # `Task.as_dict()`; None in records of fastunet 0.1.0
-    schema: int = 1                    # a record without one is 0.1.0's
+    schema: int = STATE_SCHEMA         # a file without one is 0.1.0's: read as 1
 
     def __post_init__(self):
         if isinstance(self.fold, bool) or not isinstance(self.fold, int) or self.fold < 0: raise ValueError(f"fold must be a whole number ≥ 0, not {self.fold!r}")

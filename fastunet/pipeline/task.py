@@ -108,6 +108,9 @@ class Task:
     def masks(self, probs: torch.Tensor, thresholds: Thresholds) -> list[tuple[str | None, torch.Tensor]]:
         "(name, boolean mask) for each of `mask_names`, from one image's probabilities (n_out, H, W) and the chosen thresholds."
         if self.kind == 'image': raise ValueError("an image-to-image task has no masks: use its probabilities (outputs) as they are")
+        if not len(thresholds.values) == len(thresholds.min_areas) == len(self.mask_names):
+            raise ValueError(f"the {self.kind} task has {len(self.mask_names)} mask(s), {list(self.mask_names)}; the thresholds are "
+                             f"{list(thresholds.values)} and minimum areas {list(thresholds.min_areas)}: one of each per mask")
         if self.kind == 'classes': probs = argmax_class_probabilities(probs[None])[0]   # a class keeps the pixels it wins
         return [(name, apply_threshold(probs[c][None], threshold, min_area)[0])
                 for c, (name, threshold, min_area) in enumerate(zip(self.mask_names, thresholds.values, thresholds.min_areas))]

@@ -17,6 +17,8 @@ import torch
 from ..learner.metrics import tgs_scores
 from ..learner.multilabel import dice_scores
 from .files import atomic_write
+from .options import check_probability
+from .training import check_whole
 from .records import read_run
 from .submission import (ARGMAX_THRESHOLDS, DEFAULT_CLASSIFIER_THRESHOLDS, DEFAULT_THRESHOLDS, apply_threshold,
                          argmax_class_probabilities, search_class_thresholds, search_threshold)
@@ -30,9 +32,6 @@ __all__ = ['THRESHOLDS_FILE', 'THRESHOLDS_SCHEMA', 'MIN_AREAS', 'Thresholds', 'w
 THRESHOLDS_FILE = 'threshold.json'
 THRESHOLDS_SCHEMA = 2       # 1: fastunet 0.1.0's layouts ('threshold'/'min_area' binary, 'thresholds'/'min_areas' otherwise)
 MIN_AREAS = (0, 10, 25, 50)  # the minimum areas the out-of-fold search tries
-
-def _probability(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -48,10 +47,9 @@ class Thresholds:
         if len(self.values) != len(self.min_areas) or not self.values:
             raise ValueError(f"thresholds and minimum areas go in pairs, one per mask: {list(self.values)} and {list(self.min_areas)}")
         for value, area in zip(self.values, self.min_areas):
-            if not _probability(value) or isinstance(area, bool) or not isinstance(area, int) or area < 0:
-                raise ValueError(f"threshold {value!r} and minimum area {area!r}: a probability in [0, 1] and a whole number ≥ 0 are expected")
-        if self.classifier_threshold is not None and not _probability(self.classifier_threshold):
-            raise ValueError(f"classifier_threshold must be a probability in [0, 1] (or None), not {self.classifier_threshold!r}")
+            check_probability(value, 'a threshold', optional=False)
+            check_whole(area, 'a minimum area', 0)
+        check_probability(self.classifier_threshold, 'classifier_threshold')
 
     @classmethod
     def default(cls, task: Task) -> Thresholds:
@@ -80,7 +78,7 @@ def write_thresholds(model_dir: str | Path, thresholds: Thresholds, task: Task) 
     else: document.update(thresholds=list(thresholds.values), min_areas=list(thresholds.min_areas))
     if task.kind == 'multilabel': document['labels'] = list(task.labels)
     if thresholds.classifier_threshold is not None: document['classifier_threshold'] = thresholds.classifier_threshold
-    document['run_id'] = thresholds.run_id
+    if thresholds.run_id is not None: document['run_id'] = thresholds.run_id
     return atomic_write(Path(model_dir) / THRESHOLDS_FILE, lambda p: p.write_text(json.dumps(document, indent=1)))
 
 def _document(path: Path) -> dict | None:

@@ -175,15 +175,14 @@ def _mask_codes(dblock: DataBlock, learner_kwargs: dict | None, task: Task | Non
     multilabel = any(isinstance(t, UnpackLabels) for t in dblock.batch_tfms)    # its packed codes: one per combination of labels
     return None if n_out is None or multilabel else max(int(n_out), 2)
 
-def _model_task(learn, task: Task | None) -> Task:
-    "The fold's task: the one given, which the model must fit, else read from its outputs and its loss's activation."
+def _check_task_fits(learn, task: Task | None) -> None:
+    "A task given must fit the learner's model and loss (outputs, activation); without one, the records' outputs tell it later."
+    if task is None: return
     model = unwrap_model(learn.model)
     activation = activation_name(learn.loss_func, model.n_out)
-    if task is None: return Task.of_model(model.n_out, activation)
     if (task.n_out, task.activation) != (model.n_out, activation):
         raise ValueError(f"the {task.kind} task needs {task.n_out} output(s) and a {task.activation}; the learner built {model.n_out} "
                          f"and a {activation}: leave n_out and loss_func to the task, or give a task that fits them")
-    return task
 
 def train_folds(dblock: DataBlock,                      # how to read items and targets, and the transforms
                 df: pd.DataFrame,                       # the items, with a 'fold' column (see `make_folds`)
@@ -241,7 +240,7 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             # through the class: a DataBlock keeps `dataloaders` as a method bound to itself, which the copy shares
             dls = type(dblock).dataloaders(fold_block, df, bs=bs, **loader_kwargs)
             learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
-            fold_task = _model_task(learn, task)            # before any epoch: a task the model does not fit is refused
+            _check_task_fits(learn, task)                   # before any epoch
             if init_dir is not None:
                 load_init_weights(learn.model, fold_paths(init_dir, fold)['weights'])
             keep_best = KeepBestEpoch(monitor=monitor)
@@ -269,7 +268,8 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
             n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=normalize_stats(dls),
             activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
             best_epoch=keep_best.best_epoch, epochs=definition_value(epochs), lr=definition_value(lr), fine_tune=fine_tune, seed=definition_value(seed),
-            valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'), task=fold_task.as_dict(),
+            valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'),
+            task=None if task is None else task.as_dict(),
             history=history, seconds=round(time.time() - start, 1), versions=_versions()))
         barrier()
     return cv_table(out_dir)

@@ -16,6 +16,8 @@ from fastai.vision.augment import ResizeMethod
 from ..learner.dataset_check import check_datablock
 from ..learner.distributed import is_main_process
 from .data_folder import CLI_FIXES, folder_channels, list_images, mask_labels, segmentation_block, true_masks
+from .data_folder import IMAGE_SUFFIXES  # noqa: F401  (fastunet 0.1.0's import path, with list_images and the two below)
+from .prediction import LABELS_IN_MEMORY, run_prediction  # noqa: F401
 from .files import atomic_write, remove_stale_temporaries
 from .options import TrainOptions
 from .records import out_of_fold, out_of_fold_nonempty, read_run
