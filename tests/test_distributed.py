@@ -31,7 +31,7 @@ def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_ddp_gives_every_option_the_same_gradients_on_both_ranks(tmp_path):
     out = tmp_path / 'ddp.jsonl'
-    run([console_script('torchrun'), '--nproc_per_node', '2', str(HERE / 'ddp_worker.py'), str(out)])
+    run([console_script('torchrun'), '--standalone', '--nproc_per_node', '2', str(HERE / 'ddp_worker.py'), str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 13
     for row in rows:
@@ -69,7 +69,7 @@ def _validate(out: Path, fold: int) -> tuple[float, np.ndarray]:
 
 def test_fastunet_train_under_torchrun_trains_data_parallel_and_rank0_writes(small_salt, tmp_path):
     out = tmp_path / 'run'
-    result = run([console_script('torchrun'), '--nproc_per_node', '2', fastunet_command(), 'train', str(small_salt),
+    result = run([console_script('torchrun'), '--standalone', '--nproc_per_node', '2', fastunet_command(), 'train', str(small_salt),
                   '--out', str(out), '--arch', 'resnet10t', '--folds', '3', '--fold', '0', '--epochs', '2', '--bs', '4',
                   '--deep-supervision', '--classifier', '--ema', '0.9'])
     assert result.stdout.count('train_loss') == 1 and result.stdout.count('best_epoch') == 1   # rank 0 alone logs and prints

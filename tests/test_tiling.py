@@ -24,6 +24,7 @@ from fastunet.pipeline.tiling import TileGrid, predict_labels_tiled, predict_til
 from fastunet.pipeline.training import train_folds
 from fastunet.pipeline.data_folder import segmentation_block
 from fastunet.pipeline.prediction import tiled_rows
+from fastunet.pipeline.options import PredictOptions
 from fastunet.pipeline.thresholds import Thresholds
 from fastunet.unet.model import MoreDynamicUnet
 
@@ -178,15 +179,15 @@ def test_binary_tiled_rows_use_the_threshold_and_empty_masks_below_min_area(tmp_
     "A one-output (sigmoid) ensemble: the tiled rows are the RLE of probabilities > threshold, emptied below min_area."
     torch.manual_seed(0)
     model = MoreDynamicUnet('resnet10t', n_out=1, n_in=1, pretrained=False)
-    ensemble = FoldEnsemble([model], dict(n_in=1, n_out=1, activation='sigmoid', normalize=None), device='cpu',
-                            tile=64, overlap=0.25, tile_batch=4, blend='gaussian', tta=True)
+    ensemble = FoldEnsemble([model], dict(n_in=1, n_out=1, activation='sigmoid', normalize=None), device='cpu')
+    tiling = PredictOptions(tile=64, overlap=0.25, tile_batch=4, blend='gaussian', tta=True)
     image = np.random.default_rng(2).integers(0, 256, (150, 230), dtype=np.uint8)
     tifffile.imwrite(tmp_path / 'gray_strips.tif', image, rowsperstrip=7, compression='zlib')   # strips of 7 rows
     probabilities = predict_tiled(ensemble, tmp_path / 'gray_strips.tif', tile=64, overlap=0.25, tile_batch=4)[0]
     threshold = float(probabilities.median())                        # about half the pixels foreground: a real mask
-    [(name, rle)] = tiled_rows(ensemble, [tmp_path / 'gray_strips.tif'], Thresholds((threshold,), (0,)))
+    [(name, rle)] = tiled_rows(ensemble, [tmp_path / 'gray_strips.tif'], Thresholds((threshold,), (0,)), tiling)
     assert name == 'gray_strips' and np.array_equal(rle_decode(rle, image.shape), (probabilities > threshold).numpy())
-    [(_, emptied)] = tiled_rows(ensemble, [tmp_path / 'gray_strips.tif'], Thresholds((threshold,), (image.size,)))
+    [(_, emptied)] = tiled_rows(ensemble, [tmp_path / 'gray_strips.tif'], Thresholds((threshold,), (image.size,)), tiling)
     assert emptied == ''
 
 

@@ -28,13 +28,14 @@ __all__ = ['LABELS_IN_MEMORY', 'tiled_rows', 'submission_header', 'run_predictio
 # %% ../../nbs/39a_pipeline.prediction.ipynb #12477e1f
 LABELS_IN_MEMORY = 2 ** 28    # pixels: a larger image's label map (uint8) goes to a memory-mapped temporary file
 
-def tiled_rows(ensemble: FoldEnsemble,       # its options say how to tile (`tile`, `overlap`, `tile_batch`, `blend`, `tta`)
+def tiled_rows(ensemble: FoldEnsemble,       # the folds, as loaded
                images: list[Path],           # image files (TIFF and .npy read by windows)
                thresholds: Thresholds,       # the binary threshold and minimum area (classes: the argmax)
+               options: PredictOptions,      # how to tile: `tile`, `overlap`, `tile_batch`, `blend`, `tta`
                image_id=lambda item: Path(item).stem   # the row id of an image
                ) -> Iterator[tuple[str, str]]:
     "Submission rows of images predicted by tiles: only a uint8 label map per image is kept, never its float probabilities."
-    options, task = ensemble.options, ensemble.task
+    task = ensemble.task
     for item in images:          # a TIFF or .npy that cannot be read (or has the wrong channels) fails before any prediction
         if Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',): open_image(item, ensemble.n_in).close()
     tiling = dict(tile=options.tile, overlap=options.overlap, tile_batch=options.tile_batch, blend=options.blend, tta=options.tta)
@@ -101,7 +102,7 @@ def run_prediction(models: str | Path,                       # folder of fold re
     def image_id(item) -> str: return Path(item).name if options.id_with_suffix else Path(item).stem
     if options.tile is not None:
         _refuse_what_tiles_cannot_do(ensemble, options, thresholds, resize)
-        return write_submission(tiled_rows(ensemble, images, thresholds, image_id), out_csv, header)
+        return write_submission(tiled_rows(ensemble, images, thresholds, options, image_id), out_csv, header)
     if ensemble.has_classifier and options.classifier_threshold is None and chosen.classifier_threshold is None:
         print(f"the empty-mask classifier's threshold was not chosen in training ({models / THRESHOLDS_FILE} has none: crops, "
               f"resized images, or classes trained before fastunet chose thresholds for them, which rerunning the training command "
