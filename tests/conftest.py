@@ -16,8 +16,8 @@ from fastai.vision.all import SegmentationDataLoaders, get_image_files, set_seed
 from fastunet.learner.data import MaskFromFolder, image_class  # noqa: E402
 from fastunet.learner.synthetic import make_synthetic_dataset  # noqa: E402
 
-if os.environ.get('PYTEST_XDIST_WORKER'):      # `pytest -n 2`: a process per core, each with one thread (small tensors gain
-    import torch                               # little from a second thread, and two processes with two threads each contend)
+if os.environ.get("PYTEST_XDIST_WORKER"):      # `pytest -n 3`: processes of one thread each (small tensors gain
+    import torch                               # little from a second thread, and processes with two threads each contend)
     torch.set_num_threads(1)
 
 ISBI = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'isbi2012'

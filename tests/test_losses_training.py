@@ -24,7 +24,7 @@ def salt_dls(data_factory):
 def test_each_loss_trains(salt_dls, name):
     loss_cls, n_out = LOSSES[name]
     set_seed(0, reproducible=True)
-    learn = more_dynamic_unet_learner(salt_dls, 'resnet10t', pretrained=False, n_out=n_out, loss_func=loss_cls(),
+    learn = more_dynamic_unet_learner(salt_dls, 'test_resnet', pretrained=False, n_out=n_out, loss_func=loss_cls(),
                                       metrics=BinaryIoU())
     _, iou_before = learn.validate()
     learn.fit_one_cycle(5, 3e-3)      # 80 steps: BatchNorm's running statistics need a few dozen to settle
@@ -35,7 +35,7 @@ def test_each_loss_trains(salt_dls, name):
 @pytest.mark.parametrize('name', LOSSES)
 def test_get_preds_gives_probabilities_and_predict_a_mask(salt_dls, name):
     loss_cls, n_out = LOSSES[name]
-    learn = more_dynamic_unet_learner(salt_dls, 'resnet10t', pretrained=False, n_out=n_out, loss_func=loss_cls())
+    learn = more_dynamic_unet_learner(salt_dls, 'test_resnet', pretrained=False, n_out=n_out, loss_func=loss_cls())
     probs, targets = learn.get_preds()
     assert probs.shape == (len(salt_dls.valid_ds), n_out, 64, 64)
     assert probs.min() >= 0 and probs.max() <= 1

@@ -45,7 +45,7 @@ def salt_dls(data_factory):
 def test_every_loss_trains_in_mixed_precision(salt_dls, name, amp_mode):
     loss_cls, n_out = LOSSES[name]
     set_seed(0, reproducible=True)
-    learn = more_dynamic_unet_learner(salt_dls, 'resnet10t', pretrained=False, n_out=n_out, loss_func=loss_cls())
+    learn = more_dynamic_unet_learner(salt_dls, 'test_resnet', pretrained=False, n_out=n_out, loss_func=loss_cls())
     before = [p.detach().clone() for p in learn.model.parameters()]
     record, precision = RecordPrecision(), CPUMixedPrecision(amp_mode)
     learn.fit(2, 1e-3, cbs=[record, precision])
@@ -57,7 +57,7 @@ def test_every_loss_trains_in_mixed_precision(salt_dls, name, amp_mode):
 
 
 def test_to_fp16_and_to_bf16_add_fastai_callbacks(salt_dls):
-    learn = more_dynamic_unet_learner(salt_dls, 'resnet10t', pretrained=False, n_out=1, loss_func=LOSSES['symmetric_lovasz'][0]())
+    learn = more_dynamic_unet_learner(salt_dls, 'test_resnet', pretrained=False, n_out=1, loss_func=LOSSES['symmetric_lovasz'][0]())
     assert isinstance(learn.to_fp16().mixed_precision, MixedPrecision)
     learn.to_fp32()
     assert isinstance(learn.to_bf16().mixed_precision, MixedPrecision)
@@ -68,7 +68,7 @@ def test_heads_and_ema_train_in_mixed_precision(salt_dls):
     from fastunet.learner.ema import EMA
     from fastunet.learner.head_losses import MultiHeadLoss
     set_seed(0, reproducible=True)
-    learn = more_dynamic_unet_learner(salt_dls, 'resnet10t', pretrained=False, n_out=1, loss_func=LOSSES['bce_lovasz'][0](),
+    learn = more_dynamic_unet_learner(salt_dls, 'test_resnet', pretrained=False, n_out=1, loss_func=LOSSES['bce_lovasz'][0](),
                                       deep_supervision=True, classifier=True, ema=0.9)
     assert isinstance(learn.loss_func, MultiHeadLoss)
     ema = learn.cbs.filter(lambda cb: isinstance(cb, EMA))[0]

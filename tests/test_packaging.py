@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_COMMAND = 'pip install -c .ci/constraints.txt -e ".[dev]" && nbdev-test && pytest -n 2'
+TEST_COMMAND = 'pip install -c .ci/constraints.txt -e ".[dev]" && nbdev-test && pytest -n 3 --dist worksteal'
 
 # every name `fastunet.all` exported before the package was laid out by layer: users' code imports them
 PUBLIC_NAMES = [
