@@ -25,7 +25,8 @@ collect_ignore = ['benchmarks']   # benchmarks are run by hand, never collected 
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: end-to-end runs (demo, ISBI, several processes); skip with -m "not slow"')
+    config.addinivalue_line('markers', 'slow: end-to-end runs (demo, ISBI, several processes), trainings of several epochs, exports and '
+                            'compilation; skip with -m "not slow" for a quick run (CI runs everything)')
 
 
 def console_script(name: str) -> str:

@@ -90,6 +90,7 @@ def test_train_and_predict_on_isbi(tmp_path):
     for (_, rle), mask in zip(rows, masks): np.testing.assert_array_equal(rle_decode(rle, (512, 512)), mask.numpy())
 
 
+@pytest.mark.slow
 def test_train_and_predict_a_unet_from_scratch(data_factory, tmp_path):
     "--arch unet with the paper's decoder and encoder options: trained, recorded, ensembled into a submission."
     data = data_factory(1, 2, size=(64, 64), n_images=12)

@@ -86,6 +86,7 @@ def test_the_saved_classifier_gives_the_recorded_out_of_fold_probabilities(heads
     np.testing.assert_allclose(ensemble.nonempty_probabilities(batch).numpy(), record['oof_nonempty'], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_empties_the_images_the_classifier_calls_empty(heads_run, salt, tmp_path):
     models, images = heads_run / 'models', list_images(salt / 'images')
     chosen = json.loads((models / 'threshold.json').read_text())

@@ -254,6 +254,7 @@ def test_prepared_model_returns_ordinary_tensors_and_unwraps_wrappers():
     assert twice.n_folded == 0 and batch_norms(twice.model) == 0
 
 
+@pytest.mark.slow
 def test_compiled_ensemble_predicts_what_the_plain_one_does(one_fold):
     out, images = one_fold
     plain = FoldEnsemble.from_dir(out, device='cpu', folds=[0]).predict(images[:4], bs=4, progress=False, num_workers=0)

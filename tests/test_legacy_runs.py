@@ -37,6 +37,7 @@ def test_the_task_of_an_older_run_is_read_from_its_records():
     assert tasks == {'bin': Task.binary(), 'cls': Task.classes(3), 'ml': Task.multilabel(['1', '2'])}
 
 
+@pytest.mark.slow
 def test_the_command_line_predicts_an_older_run_on_the_device_asked_for(tmp_path):
     run = Path(shutil.copytree(RUNS / 'cls', tmp_path / 'cls'))
     command = [str(Path(sys.executable).parent / 'fastunet'), 'predict', str(run / 'models'), str(run / 'images'), '--out',

@@ -21,6 +21,7 @@ def salt_dls(data_factory):
 
 
 @pytest.mark.parametrize('name', LOSSES)
+@pytest.mark.slow
 def test_each_loss_trains(salt_dls, name):
     loss_cls, n_out = LOSSES[name]
     set_seed(0, reproducible=True)

@@ -42,6 +42,7 @@ def salt_dls(data_factory):
 
 @pytest.mark.parametrize('amp_mode', ['fp16', 'bf16'])
 @pytest.mark.parametrize('name', LOSSES)
+@pytest.mark.slow
 def test_every_loss_trains_in_mixed_precision(salt_dls, name, amp_mode):
     loss_cls, n_out = LOSSES[name]
     set_seed(0, reproducible=True)

@@ -59,6 +59,7 @@ def test_option_shapes_and_gradients(options):
 
 @pytest.mark.parametrize('arch', ['convnext_atto', 'swin_tiny_patch4_window7_224', 'test_vit'])
 @pytest.mark.parametrize('config', ['blog', 'everything'])
+@pytest.mark.slow
 def test_stride_four_and_single_stride_encoders_with_heavy_configs(arch, config):
     "The blog model's final concat broke on stride-4-first encoders; here every layout returns the input's size."
     model = MoreDynamicUnet(arch, n_out=2, n_in=3, config=UnetConfig.blog() if config == 'blog' else UnetConfig(**OPTIONS['everything']))
@@ -127,6 +128,7 @@ EXPORT_CASES = {'default': ('resnet10t', {}), 'everything': ('resnet10t', OPTION
 
 
 @pytest.mark.parametrize('case', EXPORT_CASES, ids=EXPORT_CASES.keys())
+@pytest.mark.slow
 def test_torch_export_and_trace(case):
     arch, options = EXPORT_CASES[case]
     model = MoreDynamicUnet(arch, n_out=2, **options).eval()
@@ -151,6 +153,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
         torch.testing.assert_close(torch.from_numpy(onnx_out), model(x), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     model = MoreDynamicUnet('resnet10t', n_out=2).eval()
     compiled = torch.compile(model)

@@ -68,6 +68,7 @@ def expected_masks(models: Path, images: list[Path]) -> torch.Tensor:
     return torch.stack([apply_threshold(probs[:, c], chosen['thresholds'][c], chosen['min_areas'][c]) for c in range(3)], 1)
 
 
+@pytest.mark.slow
 def test_predict_multilabel_rows_per_image_and_label_or_a_column_per_label(multilabel_run, labelled, tmp_path):
     models, images = multilabel_run / 'models', list_images(labelled / 'images')
     masks = expected_masks(models, images)
@@ -158,6 +159,7 @@ def test_multiclass_softmax_end_to_end_with_per_class_thresholds_and_a_column_pe
         run_prediction(models, images, tmp_path / 'y.csv', bs=4)
 
 
+@pytest.mark.slow
 def test_multiclass_with_the_empty_mask_classifier_chooses_and_applies_its_threshold(tmp_path):
     data = make_synthetic_dataset(tmp_path / 'data', n_images=16, size=(48, 48), n_classes=3, seed=4, empty_fraction=0.25)
     models = tmp_path / 'run' / 'models'
