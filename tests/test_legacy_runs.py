@@ -61,3 +61,9 @@ def test_a_run_of_fastunet_0_1_resumes_today(tmp_path):
     then, now = read_run(RUNS / 'bin' / 'models'), read_run(tmp_path / 'run' / 'models')
     assert {k: v for k, v in now['definition'].items() if k != 'data'} == {k: v for k, v in then['definition'].items() if k != 'data'}
     assert now['folds'] == then['folds'] and now['task'] == Task.binary().as_dict() and then.get('task') is None
+
+
+def test_the_ensemble_refuses_options_that_only_a_submission_uses():
+    "A threshold given to the ensemble would change nothing in its probabilities: refused by name, not ignored."
+    with pytest.raises(ValueError, match=r"\['threshold', 'wide'\] apply to submissions"):
+        FoldEnsemble.from_dir(RUNS / 'bin' / 'models', device='cpu', threshold=0.5, wide=True)

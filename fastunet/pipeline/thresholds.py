@@ -8,7 +8,6 @@ task of a run folder, read once for every later step."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
