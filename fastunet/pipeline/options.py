@@ -203,6 +203,10 @@ class TrainOptions:
     deep_supervision: bool = option(False, 'also train a 1×1 head on each decoder stage (deep supervision; prediction unchanged)')
     classifier: bool = option(False, "also train an empty-mask classifier; its threshold is chosen on out-of-fold predictions")
     ema: float | None = option(None, 'validate and save an exponential moving average of the weights with this decay, e.g. 0.999', float)
+    weights: str | None = option(None, "start the encoder from this local weights file (a classification network's state dict, e.g. "
+                                       "timm's downloaded on another machine): --pretrained without the network", str)
+    mask_suffix: str | None = option(None, "the masks' file ending when it is not the image's own name, e.g. '.png' (JPEG images, PNG "
+                                           "masks) or '_mask.png' (x.jpg → x_mask.png)", str)
 
     def __post_init__(self):
         check_whole(self.n_folds, '--folds', 2)
@@ -227,6 +231,10 @@ class TrainOptions:
             except ValueError as e: raise ValueError(f"--{e}") from None
         UnetConfig.preset(self.config)                      # a misspelt preset: refused before any work
         if self.pretrained and from_scratch(self.arch): raise ValueError(f"--arch {self.arch} trains from scratch: leave out --pretrained")
+        if self.weights is not None and self.pretrained:
+            raise ValueError("--weights FILE starts the encoder from that file, --pretrained from the downloaded weights: give one of them")
+        if self.mask_suffix is not None and ('/' in self.mask_suffix or '\\' in self.mask_suffix or not self.mask_suffix.strip()):
+            raise ValueError(f"--mask-suffix is the ending of a mask's file name, e.g. '.png' or '_mask.png', not {self.mask_suffix!r}")
         if self.encoder_kwargs is not None and not isinstance(self.encoder_kwargs, dict):
             raise ValueError(f"encoder_kwargs must be a dict of the encoder's options, not {self.encoder_kwargs!r}")
 
