@@ -80,7 +80,8 @@ def predict(argv: list[str]) -> Path:
     if given.pop('no_tta'): given['tta'] = 'none'
     options = parsed_options(PredictOptions, given)      # every option checked before any model loads
     from fastunet.pipeline.data_folder import IMAGE_SUFFIXES, list_images
-    from fastunet.pipeline.prediction import run_prediction
+    from fastunet.pipeline.prediction import check_prediction_folders, run_prediction
+    check_prediction_folders(given['models'], given['images'])     # the run folder for its models/, or the two folders swapped
     files = list_images(given['images'], IMAGE_SUFFIXES + (('.npy',) if options.tile else ()))     # arrays are read by windows with --tile
     path = run_prediction(Path(given['models']), files, Path(given['out']), options)
     print(f'wrote {path} ({len(files)} images)')

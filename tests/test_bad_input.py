@@ -525,3 +525,495 @@ def test_classes_named_by_the_check_train_and_predict_a_row_per_class(data_facto
     for image, image_probs in zip(test, probs):                         # --threshold 0.5: where it wins with more than 0.5
         for c in (1, 2): np.testing.assert_array_equal(rle_decode(confident[f'{image.stem}_{c}'], (32, 32)),
                                                        ((image_probs.argmax(0) == c) & (image_probs[c] > 0.5)).numpy())
+
+
+# ---------------------------------------------------------------- issue 26: numbers
+from types import SimpleNamespace
+
+from fastunet.learner.metrics import tgs_scores
+from fastunet.pipeline.submission import search_class_thresholds, search_threshold, write_submission
+from fastunet.pipeline.task import Task
+from fastunet.pipeline.thresholds import choose_thresholds
+
+_TRUTHS = torch.zeros(4, 8, 8, dtype=torch.bool)
+_TRUTHS[0, 2:6, 2:6] = True
+_PROBS = torch.where(_TRUTHS, 0.8, 0.1)
+
+
+@pytest.mark.parametrize('search, message', [
+    (lambda: search_threshold(torch.full((4, 8, 8), float('nan')), _TRUTHS, tgs_scores),
+     '256 of the 256 out-of-fold probabilities are NaN: a diverged model'),
+    (lambda: search_threshold(_PROBS * 6.25 - 1, _TRUTHS, tgs_scores), 'these span [-0.375, 4]: logits? Apply torch.sigmoid'),
+    (lambda: search_threshold(_PROBS, _TRUTHS, tgs_scores, thresholds=[]), 'thresholds must be probabilities in [0, 1], at least one; got []'),
+    (lambda: search_threshold(_PROBS, _TRUTHS[:, :4], tgs_scores), 'probs (4, 8, 8) and truths (4, 4, 8) must have the same shape'),
+    (lambda: search_class_thresholds(torch.full((4, 2, 8, 8), float('nan')), torch.zeros(4, 2, 8, 8)), '512 of the 512 out-of-fold probabilities are NaN'),
+    (lambda: choose_thresholds(Task.binary(), torch.full((4, 1, 8, 8), float('nan')), _TRUTHS[:, None], folds=[0, 1, 0, 1]),
+     '256 of the 256 out-of-fold probabilities are NaN (4 of 4 images, fold(s) [0, 1]): the run diverged'),
+    (lambda: choose_thresholds(Task.classes(3), torch.full((4, 3, 8, 8), float('nan')), torch.zeros(4, 2, 8, 8)), 'the run diverged'),
+    (lambda: choose_thresholds(Task.multilabel(['a']), _PROBS[:, None] * 5, _TRUTHS[:, None]), 'logits?'),
+    (lambda: choose_thresholds(Task.binary(), _PROBS[:, None], _TRUTHS[:3, None]), 'got (4, 1, 8, 8) and (3, 1, 8, 8)'),
+])
+def test_the_threshold_search_refuses_numbers_it_cannot_choose_on(search, message):
+    with pytest.raises(ValueError) as error: search()
+    assert message in str(error.value), error.value
+
+
+@pytest.mark.parametrize('rows, message', [
+    ([('a', ''), (float('nan'), '1 1'), (float('nan'), '')], "row 1 has no id (nan)"),
+    ([(None, '')], 'row 0 has no id (None)'),
+    ([('a', ''), ('  ', '')], "row 1 has no id ('  ')"),
+    ([(1, ''), ('1', '1 1')], "the id '1' comes twice, in rows 0 and 1"),
+    ([('a', '1 1'), 'ab'], "row 1 is the string 'ab', not a tuple of 2 values"),
+])
+def test_write_submission_refuses_ids_it_cannot_write_and_leaves_the_file(tmp_path, rows, message):
+    path = write_submission([('good', '1 1')], tmp_path / 'submission.csv')
+    with pytest.raises(ValueError) as error: write_submission(iter(rows), path)
+    assert message in str(error.value), error.value
+    assert path.read_text().splitlines() == ['id,rle_mask', 'good,1 1'] and sorted(p.name for p in tmp_path.iterdir()) == ['submission.csv']
+
+
+def test_rle_encode_refuses_nan_probabilities():
+    with pytest.raises(ValueError, match='3 of the 6 probabilities of this mask are NaN'):
+        rle_encode(np.array([[np.nan, 0.7, np.nan], [0.2, np.nan, 0.9]]), threshold=0.5)
+
+
+@pytest.mark.parametrize('rle, shape, message', [
+    ('1 5 3 2', (3, 3), "run 2 ('3 2') starts before run 1 ('1 5') ends: Kaggle refuses overlapping or unsorted runs"),
+    ('5 1 1 2', (3, 3), "run 2 ('1 2') starts before run 1 ('5 1') ends"),
+    ('7 5', (3, 3), "run 1 ('7 5') does not fit a 3×3 mask (pixels 1 to 9)"),
+    ('1 1 3 0', (3, 3), "run 2 ('3 0') has length 0"),
+    ('1 -2', (3, 3), "has length -2"),
+    ('1 2 3', (3, 3), 'start/length pairs; got 3 numbers'),
+    ('1 2.5', (3, 3), 'whole numbers only'),
+    ('1 1', (-1, 3), 'two positive whole numbers; got (-1, 3)'),
+    ('1 1', (3, 3, 1), 'two positive whole numbers; got (3, 3, 1)'),
+])
+def test_rle_decode_refuses_what_kaggle_refuses(rle, shape, message):
+    with pytest.raises(ValueError) as error: rle_decode(rle, shape)
+    assert message in str(error.value), error.value
+
+
+def test_rle_decode_of_many_runs_is_exact():
+    mask = np.random.default_rng(0).random((300, 200)) > 0.5
+    np.testing.assert_array_equal(rle_decode(rle_encode(mask), mask.shape), mask)
+    assert rle_decode('1 2 3 1', (2, 2)).tolist() == [[1, 1], [1, 0]]          # runs that meet are apart, not overlapping
+
+
+@pytest.mark.parametrize('task', [Task.binary(), Task.classes(3), Task.multilabel(['a', 'b'])], ids=lambda t: t.kind)
+@pytest.mark.parametrize('predicted', [False, True], ids=['empty prediction', 'false alarm'])
+def test_every_default_metric_is_a_number_on_a_fold_without_foreground(task, predicted):
+    truths = torch.zeros(3, task.n_out if task.kind == 'multilabel' else 1, 8, 8, dtype=torch.long)
+    logits = torch.full((3, task.n_out, 8, 8), 5. if predicted else -5.)
+    if task.kind == 'classes': logits[:, 0], truths = -logits[:, 0], truths[:, 0]     # background wins unless a false alarm
+    for metric in task.metrics():
+        metric.reset()
+        metric.accumulate(SimpleNamespace(pred=logits, y=truths))
+        assert isinstance(metric.value, float) and math.isfinite(metric.value), (metric.name, metric.value)
+        if task.kind != 'classes': assert metric.value == (0. if predicted else 1.), (metric.name, metric.value)
+
+
+def test_a_fold_without_foreground_trains_and_reports_numbers(tmp_path, capsys):
+    "11 empty masks and one positive, two folds: one fold's validation masks are all empty (IoU was None: a TypeError)."
+    data = make_synthetic_dataset(tmp_path / 'data', n_images=12, size=(32, 32), seed=5)
+    for mask in masks_of(data)[1:]: Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'resnet10t', '--epochs', '1', '--bs', '2',
+                         '--folds', '2', '--lr', '0.01', '--seed', '0'], capsys)
+    assert code == 0, err
+    histories = [json.loads(fold_paths(tmp_path / 'run' / 'models', fold)['record'].read_text())['history'] for fold in (0, 1)]
+    scores = [epoch[name] for history in histories for epoch in history for name in ('iou', 'tgs_metric')]
+    assert all(isinstance(score, float) and math.isfinite(score) for score in scores), histories
+    assert any(epoch['iou'] == 1. for history in histories for epoch in history), histories    # empty vs empty was met: IoU 1
+
+
+# ---------------------------------------------------------------- issue 26: files and command line
+
+CLI_TRAIN = ['--arch', 'resnet10t', '--folds', '2', '--epochs', '1', '--bs', '2']
+
+
+def snapshot(folder: Path) -> dict:
+    "Every file under `folder` and its bytes: what must stay as it was."
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_train_writes_only_into_a_new_empty_or_own_folder(data_factory, tmp_path, capsys):
+    "Issue 26, case 12: a user's folds.csv and report.json in --out were overwritten; --out naming a file was a NotADirectoryError traceback."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    project = tmp_path / 'project'
+    project.mkdir()
+    for name in ('folds.csv', 'report.json'): (project / name).write_text('mine')
+    before = snapshot(project)
+    for restart in ([], ['--restart']):                  # --restart replaces a run, never a folder that is not a run's
+        code, err = run_cli(['train', str(data), '--out', str(project), *CLI_TRAIN, *restart], capsys)
+        assert code == 1 and "holds files that fastunet did not write (folds.csv, report.json)" in err and 'Choose another --out' in err, err
+    code, err = run_cli(['train', str(data), '--out', str(project / 'folds.csv'), *CLI_TRAIN], capsys)
+    assert code == 1 and "is a file, not a folder: choose another --out" in err and 'Traceback' not in err, err
+    assert snapshot(project) == before
+
+
+def test_the_demo_never_replaces_a_project(trained_run, tmp_path, capsys):
+    "Issue 26, case 13: `fastunet demo --dest proj` replaced a trained run, its images and submission.csv, and exited 0."
+    from fastunet.pipeline.files import DEMO_MARK, check_ours_to_write
+    _, _, test_images = trained_run
+    project = copy_run(trained_run, tmp_path)
+    shutil.copytree(test_images[0].parent, project / 'images')
+    (project / 'submission.csv').write_text('id,rle_mask\n0000,1 2\n')
+    before = snapshot(project)
+    code, err = run_cli(['demo', '--dest', str(project), '--n-images', '8', '--folds', '2', '--epochs', '1', '--size', '32'], capsys)
+    assert code == 1 and f"--dest '{project}' holds files that fastunet did not write" in err and 'Choose another --dest' in err, err
+    assert snapshot(project) == before
+    (project / DEMO_MARK).write_text('{}')                # a demo's own folder: the next demo may replace it
+    check_ours_to_write(project, marks=[DEMO_MARK], flag='--dest')
+
+
+@pytest.mark.slow
+def test_a_demo_reruns_into_its_own_folder(tmp_path, capsys):
+    "The demo marks its folder: run twice into one --dest, it replaces its own files."
+    from fastunet.pipeline.files import DEMO_MARK
+    for _ in range(2):
+        code, err = run_cli(['demo', '--dest', str(tmp_path / 'demo'), '--n-images', '8', '--n-test', '2', '--folds', '2', '--epochs', '1',
+                             '--size', '32', '--bs', '4'], capsys)
+        assert code == 0, err
+    assert (tmp_path / 'demo' / DEMO_MARK).exists() and (tmp_path / 'demo' / 'submission.csv').exists()
+
+
+def test_predict_never_writes_over_an_input_or_a_file_it_did_not_write(trained_run, tmp_path, capsys):
+    "Issue 26, case 14: `--out data/test/images/0000.png` replaced the input image with CSV text."
+    _, run, test_images = trained_run
+    images = Path(shutil.copytree(test_images[0].parent, tmp_path / 'images'))
+    notes = tmp_path / 'notes.csv'
+    notes.write_text('name,score\nme,1\n')
+    before = {**snapshot(images), 'notes': notes.read_bytes()}
+    for out, message in [(images / '0000.png', 'is one of the input files'),
+                         (notes, "exists and is not a file this command writes (it begins 'name,score', not 'id,rle_mask')")]:
+        code, err = run_cli(['predict', str(run / 'models'), str(images), '--out', str(out)], capsys)
+        assert code == 1 and message in err and 'choose another --out' in err and 'Traceback' not in err, err
+    assert {**snapshot(images), 'notes': notes.read_bytes()} == before
+    previous = tmp_path / 's.csv'
+    previous.write_text('id,rle_mask\nold,1 2\n')        # a submission this command wrote: written again
+    code, err = run_cli(['predict', str(run / 'models'), str(images), '--out', str(previous)], capsys)
+    assert code == 0 and 'old' not in previous.read_text(), err
+
+
+def test_predict_names_the_run_folder_and_swapped_folders(trained_run, tmp_path, capsys):
+    "Issue 26: `predict RUN IMAGES` (not RUN/models), and `predict IMAGES RUN/models`."
+    _, run, test_images = trained_run
+    images = test_images[0].parent
+    code, err = run_cli(['predict', str(run), str(images), '--out', str(tmp_path / 's.csv')], capsys)
+    assert code == 1 and f"is a run folder, not its models: did you mean '{run / 'models'}'?" in err, err
+    code, err = run_cli(['predict', str(images), str(run / 'models'), '--out', str(tmp_path / 's.csv')], capsys)
+    assert code == 1 and 'the two folders look swapped' in err and 'Traceback' not in err, err
+    assert not (tmp_path / 's.csv').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--arch', 'resnet_nope'], "no encoder named 'resnet_nope' in timm, pretrainedmodels or torchvision"),
+    (['--arch', 'resnet10t', '--encoder-kwargs', '{"features": 32}'], "the encoder 'resnet10t' takes no option 'features'; the options it takes: "),
+    (['--arch', 'resnet10t', '--weights', 'absent.pth'], "weights file 'absent.pth' does not exist"),
+], ids=['unknown arch', 'encoder option it does not take', 'missing weights file'])
+def test_encoder_mistakes_are_named_before_anything_is_written(data_factory, tmp_path, capsys, argv, message):
+    "Issue 26: an unknown --arch was a pretrainedmodels traceback; --encoder-kwargs features said 'pick a hierarchical backbone' and left an empty run.json."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--folds', '2', '--epochs', '1', *argv], capsys)
+    assert code == 1 and message in err and 'hierarchical' not in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_pretrained_offline_says_to_pass_weights(data_factory, tmp_path, capsys, monkeypatch):
+    "Issue 26: --pretrained without network was a traceback after 56 s; the download fails fast here (as with HF_HUB_OFFLINE=1)."
+    import timm.models._builder
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    def offline(*args, **kwargs): raise OfflineModeIsEnabled('no network')
+    monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_hf', offline)
+    monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_url', offline)
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *CLI_TRAIN, '--pretrained'], capsys)
+    assert code == 1 and "no network to download the pretrained weights of 'resnet10t'" in err and '--weights resnet10t.pth' in err, err
+    assert 'Traceback' not in err and not (tmp_path / 'run').exists()
+
+
+def test_train_starts_the_encoder_from_weights(data_factory, tmp_path, capsys):
+    "Issue 26: --weights FILE (what --pretrained needs the network for): the folds start from the file; a file that does not fit is refused."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    torch.save(timm.create_model('mobilenetv3_small_050').state_dict(), tmp_path / 'other.pth')
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *CLI_TRAIN, '--weights', str(tmp_path / 'other.pth')], capsys)
+    assert code == 1 and "could not load weights" in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'run').exists()
+    source = timm.create_model('resnet10t').state_dict()
+    torch.save(source, tmp_path / 'w.pth')
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *CLI_TRAIN, '--weights', str(tmp_path / 'w.pth')], capsys)
+    assert code == 0, err
+    assert read_run(tmp_path / 'run' / 'models')['definition']['learner']['weights'] == str((tmp_path / 'w.pth').resolve())
+    from fastunet.encoders.weights import load_local_state_dict
+    fold = load_local_state_dict(fold_paths(tmp_path / 'run' / 'models', 0)['weights'])     # a plain or a wrapped state dict
+    # the encoder trained frozen, as from pretrained weights: its convolutions are still the file's
+    torch.testing.assert_close(fold['encoder.model.layer4.0.conv2.weight'].float(), source['layer4.0.conv2.weight'])
+
+
+def test_an_overlap_that_multiplies_the_tiles_is_refused(trained_run, tmp_path, capsys):
+    "Issue 26: --tile 64 --overlap 0.99 was accepted and ran for minutes (48,705 tiles for a 192×256 image)."
+    _, run, _ = trained_run
+    images = tmp_path / 'large'
+    images.mkdir()
+    Image.new('L', (256, 192)).save(images / 'big.png')
+    code, err = run_cli(['predict', str(run / 'models'), str(images), '--out', str(tmp_path / 's.csv'), '--tile', '64', '--overlap', '0.99'], capsys)
+    assert code == 1 and 'makes 48,705 tiles for the largest image (192×256) instead of 12 without overlap' in err, err
+    assert re.search(r'use --overlap 0\.\d+ or less', err) and not (tmp_path / 's.csv').exists()
+
+
+# ---------------------------------------------------------------- issue 26: data
+from fastunet.learner.multilabel import MultiLabelMasks
+from fastunet.pipeline.data_folder import folder_channels
+
+TRAIN_ARGV = ['--arch', 'resnet10t', '--epochs', '1', '--bs', '2', '--folds', '2']
+
+
+@pytest.mark.parametrize('classes', ['3', '300'])
+def test_classes_that_occur_in_no_mask_are_refused(data_factory, tmp_path, capsys, classes):
+    "--classes 300 (or 3) on 0/1 masks trained a 300-class model and reported a Dice padded by classes that never occur."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *TRAIN_ARGV, '--classes', classes], capsys)
+    assert code == 1, err
+    assert f'{classes} classes, but the masks hold codes [0, 1] only' in err, err
+    assert 'leave out --classes (binary) or pass --classes 2' in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'run' / 'models').exists()
+
+
+def test_a_multilabel_label_whose_masks_are_all_empty_is_refused(data_factory, tmp_path, capsys):
+    data = copy_data(data_factory, tmp_path)
+    for label in ('cat', 'dog'): (data / 'labels' / label).mkdir(parents=True)
+    for mask in masks_of(data):
+        shutil.copy(mask, data / 'labels' / 'cat' / mask.name)
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / 'labels' / 'dog' / mask.name)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *TRAIN_ARGV, '--multilabel', '--mask-folder', 'labels'], capsys)
+    assert code == 1 and "the masks of label(s) ['dog'] are empty in every image" in err, err
+    assert 'remove the folders from the mask folder' in err and not (tmp_path / 'run' / 'models').exists()
+
+
+def black_in(mode: str) -> Image.Image:
+    "An opaque black mask with nothing drawn, stored in `mode`."
+    return Image.fromarray(np.zeros((32, 32), np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize('mode', ['L', 'P', 'RGB', 'RGBA', 'LA'])
+def test_an_opaque_black_mask_is_empty_in_every_mode(data_factory, tmp_path, mode):
+    "--binary-masks read an all-black P, RGBA or LA mask as 100 % foreground (the opaque alpha taken as the drawing); multi-label too."
+    data = copy_data(data_factory, tmp_path)
+    black_in(mode).save(masks_of(data)[0])
+    np.testing.assert_array_equal(MaskFromFolder(binary=True).array(images_of(data)[0]), np.zeros((32, 32), np.uint8))
+    (data / 'labels' / 'a').mkdir(parents=True)
+    black_in(mode).save(data / 'labels' / 'a' / '0000.png')
+    assert not MultiLabelMasks(['a'], 'labels').array(images_of(data)[0]).any()
+
+
+def test_foreground_masks_with_palette_or_alpha_read_what_is_drawn(data_factory, tmp_path):
+    "The usual drawings: white on opaque black, colour on a transparent sheet, a palette whose index 0 is black, black on transparent."
+    data = copy_data(data_factory, tmp_path)
+    truth = np.array(Image.open(masks_of(data)[0])) > 0
+    image, mask_path = images_of(data)[0], masks_of(data)[0]
+    drawn = np.zeros((32, 32, 4), np.uint8)
+    drawn[..., 3] = 255; drawn[truth, :3] = 255                                            # white on opaque black (RGBA)
+    Image.fromarray(drawn).save(mask_path)
+    np.testing.assert_array_equal(MaskFromFolder(binary=True).array(image), truth)
+    drawn = np.full((32, 32, 4), 255, np.uint8); drawn[..., 3] = 0                        # red on a transparent white sheet
+    drawn[truth] = (255, 0, 0, 255)
+    Image.fromarray(drawn).save(mask_path)
+    np.testing.assert_array_equal(MaskFromFolder(binary=True).array(image), truth)
+    drawn[..., :3] = 0                                                                    # black on a transparent sheet: the alpha is the drawing
+    Image.fromarray(drawn).save(mask_path)
+    np.testing.assert_array_equal(MaskFromFolder(binary=True).array(image), truth)
+    palette = Image.fromarray(truth.astype(np.uint8), mode='P'); palette.putpalette([0, 0, 0, 0, 255, 0])   # index 0 black, 1 green
+    palette.save(mask_path)
+    np.testing.assert_array_equal(MaskFromFolder(binary=True).array(image), truth)
+    np.testing.assert_array_equal(Image.open(mask_path).convert('LA').getchannel('A'), np.full((32, 32), 255))   # an opaque palette
+    Image.fromarray(np.stack([truth * 255, np.full((32, 32), 255)], -1).astype(np.uint8), 'LA').save(mask_path)   # LA: white on black
+    np.testing.assert_array_equal(MaskFromFolder(binary=True).array(image), truth)
+
+
+def test_colour_images_after_a_grey_first_image_make_an_rgb_model(data_factory, tmp_path, capsys):
+    "The channels came from the first file: a grey first image made a 1-channel model, and the RGB images were converted without a word."
+    data = copy_data(data_factory, tmp_path)
+    for path in images_of(data)[1:]:
+        grey = np.array(Image.open(path))
+        Image.fromarray(np.stack([grey, 255 - grey, grey // 2], -1)).save(path)
+    assert folder_channels(images_of(data)) == 3
+    assert "of the 8 images, 1 grey image(s) (e.g. '0000.png') are read as RGB" in capsys.readouterr().out
+
+
+def test_a_bool_npy_image_is_refused_and_npy_images_without_tile_are_named(trained_run, tmp_path, capsys):
+    _, run, _ = trained_run
+    folder = tmp_path / 'arrays'
+    folder.mkdir()
+    np.save(folder / 'mask_like.npy', np.random.default_rng(0).random((32, 32)) > 0.5)
+    code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path / 's.csv')], capsys)
+    assert code == 1 and "1 .npy image(s) in" in err and 'are read only with --tile' in err and 'pass --tile T' in err, err
+    code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path / 's.csv'), '--tile', '32'], capsys)
+    assert code == 1 and "mask_like.npy' holds bool values" in err and 'astype(np.uint8) * 255' in err, err
+    assert not (tmp_path / 's.csv').exists()
+
+
+def jpeg_images(data: Path) -> None:
+    "The images as JPEG files; the masks stay PNG."
+    for path in images_of(data):
+        Image.open(path).save(path.with_suffix('.jpg'), quality=95)
+        path.unlink()
+
+
+def test_jpeg_images_with_png_masks_train_with_mask_suffix(data_factory, tmp_path, capsys, trained_run):
+    data = copy_data(data_factory, tmp_path)
+    jpeg_images(data)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *TRAIN_ARGV], capsys)
+    assert code == 1 and f"no mask for '{data / 'images' / '0000.jpg'}'" in err, err
+    assert f"'{data / 'masks' / '0000.png'}' exists: pass --mask-suffix .png" in err, err
+    report = run_training(data, tmp_path / 'run', **TRAIN, mask_suffix='.png')
+    assert len(report['cv']) == 2 and 'oof_tgs' in report                # the threshold search read the PNG masks too
+    assert read_run(tmp_path / 'run' / 'models')['definition']['mask_suffix'] == '.png'
+    assert 'mask_suffix' not in read_run(trained_run[1] / 'models')['definition']     # a run without it: its definition unchanged
+
+
+def test_mask_suffix_finds_masks_named_after_their_image_with_an_ending(data_factory, tmp_path):
+    "'_mask.png': images/x.jpg → masks/x_mask.png, through the DataBlock and multi-label masks."
+    data = copy_data(data_factory, tmp_path)
+    jpeg_images(data)
+    for mask in masks_of(data): mask.rename(mask.with_name(mask.stem + '_mask.png'))
+    image = sorted((data / 'images').glob('*.jpg'))[0]
+    assert MaskFromFolder(suffix='_mask.png').path(image) == data / 'masks' / '0000_mask.png'
+    with pytest.raises(FileNotFoundError, match='exists: pass --mask-suffix _mask.png'): MaskFromFolder().array(image)
+    items = pd.DataFrame({'item': [str(p) for p in sorted((data / 'images').glob('*.jpg'))]})
+    x, y = segmentation_block(mask_suffix='_mask.png').datasets(items)[0]
+    assert y.shape == (32, 32)
+    (data / 'labels' / 'a').mkdir(parents=True)
+    shutil.copy(data / 'masks' / '0000_mask.png', data / 'labels' / 'a' / '0000_mask.png')
+    assert MultiLabelMasks(['a'], 'labels', suffix='_mask.png').array(image).shape == (32, 32)
+
+
+def test_a_truncated_mask_is_named_itself(data_factory, tmp_path, capsys):
+    data = copy_data(data_factory, tmp_path)
+    truncate(masks_of(data)[2])
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), *TRAIN_ARGV], capsys)
+    assert code == 1 and f"mask '{data / 'masks' / '0002.png'}' cannot be read: it is truncated or not an image" in err, err
+
+
+# ---------------------------------------------------------------- issue 26: fold identity
+
+def test_a_fold_whose_predictions_are_nan_diverged_and_is_not_kept(trained_run, tmp_path):
+    "Case: --lr 1e6 gave NaN out-of-fold probabilities with finite weights; both folds were kept and the report said oof_tgs 0.25."
+    data, _, _ = trained_run
+    with pytest.raises(ValueError, match=r"fold 0 diverged: \d+ of its \d+ out-of-fold probabilities .* are NaN or infinite.*"
+                                         r"Lower the learning rate \(lr=1000000.0\)"):
+        run_training(data, tmp_path / 'run', **{**TRAIN, 'lr': 1e6})
+    assert not list((tmp_path / 'run' / 'models').glob('fold_*'))           # nothing of the fold kept (and no lock left)
+
+
+def other_weights(run: Path, fold: int, change: str) -> dict:
+    "A checkpoint for fold `fold`'s file: fold 0's, another run's of the same architecture, a 3-class run's, or a plain state dict."
+    checkpoint = torch.load(fold_paths(run, 0 if change == "fold 0's" else fold)['weights'], weights_only=True)
+    if change == "another run's": checkpoint['fastunet'] = {**checkpoint['fastunet'], 'run_id': '0123456789ab'}
+    elif change == "a 3-class run's":
+        model = MoreDynamicUnet('resnet10t', n_out=3, n_in=checkpoint['fastunet']['n_in'], pretrained=False)
+        task = dict(kind='classes', labels=['0', '1', '2'])
+        checkpoint = {'fastunet': {**checkpoint['fastunet'], 'run_id': '0123456789ab', 'n_out': 3, 'activation': 'softmax', 'task': task},
+                      'model': model.state_dict()}
+    elif change == 'a plain state dict': checkpoint = checkpoint['model']          # fastunet 0.1.0's format, in a new run
+    return checkpoint
+
+
+@pytest.mark.parametrize('change', ["fold 0's", "another run's", "a 3-class run's", 'a plain state dict', 'NaN predictions'])
+def test_weights_of_another_run_or_fold_are_trained_again_and_refused_by_predict(trained_run, tmp_path, capsys, change):
+    "Case: a fold's .pth replaced by other weights: resume said nothing, kept the fold, and predict used it."
+    data, _, test_images = trained_run
+    run = copy_run(trained_run, tmp_path)
+    paths = fold_paths(run / 'models', 1)
+    if change == 'NaN predictions':
+        oof = np.load(paths['oof'])
+        np.save(paths['oof'], np.full_like(oof, np.nan))
+        message = f"out-of-fold predictions '{paths['oof']}' hold NaN or infinite values (it diverged)"
+    else:
+        torch.save(other_weights(run / 'models', 1, change), paths['weights'])
+        message = f"weights '{paths['weights']}' " + ('carry no identity' if change == 'a plain state dict' else 'belong to run ')
+        with pytest.raises(ValueError, match=re.escape(f"fold 1's {message}")):         # predict refuses it, naming the file and whose
+            run_prediction(run / 'models', test_images, tmp_path / 's.csv', device='cpu')
+        if change != 'a plain state dict':
+            whose = {"fold 0's": 'fold 0 (resnet10t, 1 output(s), sigmoid)', "another run's": 'run 0123456789ab fold 1',
+                     "a 3-class run's": 'run 0123456789ab fold 1 (resnet10t, 3 output(s), softmax)'}[change]
+            with pytest.raises(ValueError, match=re.escape(whose)): FoldEnsemble.from_dir(run / 'models', device='cpu')
+    untouched = fold_paths(run / 'models', 0)['weights'].stat().st_mtime_ns
+    run_training(data, run, **TRAIN)
+    assert f'fold 1 is trained again: its {message}' in capsys.readouterr().out
+    assert fold_paths(run / 'models', 0)['weights'].stat().st_mtime_ns == untouched
+    FoldEnsemble.from_dir(run / 'models', device='cpu')                      # whole again
+
+
+@pytest.mark.parametrize('run_json', [True, False])
+def test_folds_of_two_runs_are_not_ensembled_with_or_without_run_json(trained_run, tmp_path, run_json):
+    "Case: a models folder without run.json held fold 0 of one run and fold 1 of another; predict ensembled them."
+    models = copy_run(trained_run, tmp_path) / 'models'
+    own = read_run(models)['run_id']
+    if not run_json: (models / 'run.json').unlink()
+    paths = fold_paths(models, 1)                                            # fold 1 of another run, whole: record and weights agree
+    paths['record'].write_text(json.dumps({**json.loads(paths['record'].read_text()), 'run_id': '0123456789ab'}))
+    torch.save(other_weights(models, 1, "another run's"), paths['weights'])
+    message = (rf"fold\(s\) \[1\] in '{re.escape(str(models))}' were written by another run" if run_json else
+               re.escape(f"were written by different runs (fold: run id {{0: '{own}', 1: '0123456789ab'}})"))
+    with pytest.raises(ValueError, match=message): FoldEnsemble.from_dir(models, device='cpu')
+
+
+def zero_score(pred, target): return torch.tensor(0.)      # a monitored score that plateaus from the first epoch
+
+
+def test_a_plateau_of_the_monitored_score_keeps_the_epoch_of_the_lowest_validation_loss(data_factory, tmp_path):
+    "Case: the score stayed at 0 and epoch 0 was kept while the validation loss fell; ties go to the lower loss, then the later epoch."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    df = make_folds([str(p) for p in images_of(data)], n_folds=2, seed=0)
+    train_folds(segmentation_block(1, binary_masks=True), df, 'resnet10t', tmp_path, epochs=4, lr=3e-3, bs=2, seed=0, folds=[0],
+                monitor='zero_score', dls_kwargs=dict(num_workers=0),
+                learner_kwargs=dict(n_out=1, pretrained=False, loss_func=BCELovaszLoss(), metrics=[zero_score]))
+    record = json.loads(fold_paths(tmp_path, 0)['record'].read_text())
+    losses = [epoch['valid_loss'] for epoch in record['history']]
+    assert [epoch['zero_score'] for epoch in record['history']] == [0.0] * 4
+    lowest = max(i for i, loss in enumerate(losses) if loss == min(losses))
+    assert lowest > 0 and record['best_epoch'] == lowest, losses                # not the plateau's first epoch
+
+
+def test_restart_deletes_only_the_runs_own_fold_files_by_exact_name(trained_run, tmp_path):
+    "Case: --restart deleted a user's fold_01.json (any fold_<digits> name was taken for the run's)."
+    data, _, _ = trained_run
+    run = copy_run(trained_run, tmp_path)
+    models = run / 'models'
+    mine = {'fold_01.json': fold_paths(models, 1)['record'].read_text(), 'fold_00_oof.npy': 'mine', 'fold_0_backup.pth': 'mine',
+            'fold_1.json.bak': 'mine', 'fold_1.pth.old': 'mine', 'fold_2_notes.txt': 'mine'}
+    for name, text in mine.items(): (models / name).write_text(text)
+    stamps = {p: p.stat().st_mtime_ns for fold in (0, 1) for p in fold_paths(models, fold).values()}
+    run_training(data, run, **TRAIN, restart=True)
+    assert {name: (models / name).read_text() for name in mine} == mine       # every one of the user's files, as it was
+    assert all(p.stat().st_mtime_ns != stamp for p, stamp in stamps.items())     # the run's own were replaced
+    assert len(FoldEnsemble.from_dir(models, device='cpu').models) == 2       # fold_01.json is not read as a fold
+
+
+TWO_WRITERS = '''
+import sys, time
+from pathlib import Path
+from fastunet.pipeline.workflow import run_training
+data, out, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+(out.parent / f'{name}.ready').touch()
+while not (out.parent / 'go').exists(): time.sleep(0.01)       # both processes start training at the same moment
+run_training(data, out, arch='resnet10t', n_folds=2, epochs=1, lr=3e-3, bs=2, seed=0)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_into_one_out_never_train_the_same_fold(trained_run, tmp_path):
+    "Case: two `fastunet train` into one --out both trained every fold; a per-fold lock gives each fold to one of them."
+    import time
+    data, _, _ = trained_run
+    out = tmp_path / 'run'
+    writers = [subprocess.Popen([sys.executable, '-c', TWO_WRITERS, str(data), str(out), name], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for name in ('a', 'b')]
+    while not all((tmp_path / f'{name}.ready').exists() for name in ('a', 'b')):
+        assert all(w.poll() is None for w in writers), [w.communicate()[0][-3000:] for w in writers]
+        time.sleep(0.05)
+    (tmp_path / 'go').touch()
+    logs = [w.communicate(timeout=240)[0] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], [log[-3000:] for log in logs]
+    fits = [log.count('train_loss') for log in logs]                         # fastai prints a table header per fold trained
+    assert sum(fits) == 2, (fits, [log[-3000:] for log in logs])             # each fold trained exactly once, by one of them
+    assert not list((out / 'models').glob('*.lock')) and len(FoldEnsemble.from_dir(out / 'models', device='cpu').models) == 2

@@ -62,7 +62,8 @@ def _validate(out: Path, fold: int) -> tuple[float, np.ndarray]:
     heads = {k: record['config'][k] for k in ('deep_supervision', 'classifier')}
     learn = more_dynamic_unet_learner(dls, record['arch'], n_out=1, pretrained=False, loss_func=BCELovaszLoss(),
                                       metrics=[TGSMetric()], **heads)
-    learn.model.load_state_dict(torch.load(out / 'models' / f'fold_{fold}.pth', weights_only=True))
+    from fastunet.pipeline.fold_weights import read_fold_weights      # a fold's weights, with their identity
+    learn.model.load_state_dict(read_fold_weights(out / 'models' / f'fold_{fold}.pth')[0])
     probs = torch.sigmoid(learn.get_preds(dl=dls.valid, act=lambda x: x)[0])
     return learn.validate()[1], probs.numpy()
 

@@ -56,9 +56,11 @@ def test_dice_and_iou_hand_computed_over_batches():
     assert run_metric(BinaryIoU(), batches) == pytest.approx(4 / 6)
 
 
-def test_empty_everywhere_has_no_dice():
+def test_empty_everywhere_scores_one():
+    "A fold without foreground, predicted empty: Dice and IoU 1 (issue 26: None stopped training with a TypeError)."
     empty = torch.zeros(2, 1, 4, dtype=torch.bool)
-    assert run_metric(BinaryDice(), [(logits_from(empty[:, 0]), empty[:, 0].long())]) is None
+    assert run_metric(BinaryDice(), [(logits_from(empty[:, 0]), empty[:, 0].long())]) == 1.
+    assert run_metric(BinaryIoU(), [(logits_from(empty[:, 0]), empty[:, 0].long())]) == 1.
 
 
 def test_threshold_and_class_scores():

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from pathlib import Path
 from typing import Callable, Sequence
 
 import timm
+import torch
 import torch.nn as nn
 
 from .contract import Encoder
@@ -19,7 +21,8 @@ from .timm_features import TimmEncoder
 from .traced import pretrainedmodels_encoder, torchvision_encoder
 
 # %% auto #0
-__all__ = ['SCRATCH_ENCODERS', 'from_scratch', 'create_encoder', 'arch_name', 'resolve_arch']
+__all__ = ['SCRATCH_ENCODERS', 'from_scratch', 'encoder_source', 'check_encoder_options', 'create_encoder', 'arch_name',
+           'resolve_arch']
 
 # %% ../../nbs/05_encoders.registry.ipynb #514f0796
 SCRATCH_ENCODERS = {'unet': UnetEncoder}   # built in, trained from scratch: no pretrained weights exist
@@ -35,29 +38,70 @@ def from_scratch(arch) -> bool:
     "Is `arch` a built-in encoder that only trains from scratch (so there is nothing pretrained to load or freeze)?"
     return isinstance(arch, str) and arch in SCRATCH_ENCODERS
 
+def _pretrainedmodels_names() -> tuple[list[str], str]:
+    "pretrainedmodels' model names, and why there are none where it cannot be imported (a missing dependency)."
+    try: import pretrainedmodels
+    except ImportError as e: return [], f" (pretrainedmodels cannot be imported here: {e}; pip install pretrainedmodels six)"
+    return list(pretrainedmodels.model_names), ''
+
+def encoder_source(arch: str | Callable | nn.Module) -> str:
+    """Which library builds `arch`: 'scratch' (built in), 'timm', 'pretrainedmodels' or 'torchvision' (a callable or
+    module). An unknown name is refused here, with the close names of every source, before any library imports it."""
+    if from_scratch(arch): return 'scratch'
+    if not isinstance(arch, str): return 'torchvision'
+    source, _, name = arch.rpartition(':')
+    if source not in ('', 'timm', 'pretrainedmodels'): raise ValueError(f"unknown encoder source '{source}': use 'timm:' or 'pretrainedmodels:'")
+    if source != 'pretrainedmodels' and _timm_knows(name): return 'timm'
+    if source == 'timm': raise ValueError(f"timm has no model '{name}'{_suggest(name, timm.list_models())}")
+    names, unavailable = _pretrainedmodels_names()
+    if name in names: return 'pretrainedmodels'
+    if source: raise ValueError(f"pretrainedmodels has no model '{name}'{_suggest(name, names)}{unavailable}")
+    candidates = list(SCRATCH_ENCODERS) + timm.list_models() + names
+    raise ValueError(f"no encoder named '{arch}' in timm, pretrainedmodels or torchvision (torchvision's as callables, e.g. "
+                     f"torchvision.models.resnet34), nor built in{_suggest(arch, candidates)}{unavailable}")
+
+def _taken_options(parameters) -> list[str] | None:
+    "The keyword options a constructor takes (None: it takes any, **kwargs), less those fastunet sets itself."
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()): return None
+    return [n for n, p in parameters.items() if n not in ('self', 'n_in', 'in_chans', 'num_classes', 'pretrained', 'device', 'dtype')
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+def _timm_options(name: str) -> list[str] | None:
+    "The options timm's model `name` takes: its class's (found by building it on the meta device: no memory, no weights)."
+    try:
+        with torch.device('meta'): model_class = type(timm.create_model(name, pretrained=False))
+    except Exception: return None                  # noqa: BLE001: a family that cannot be built there is checked when built
+    taken = _taken_options(inspect.signature(model_class.__init__).parameters)
+    return None if taken is None else sorted({*taken, 'out_indices'})
+
+def check_encoder_options(arch: str | Callable | nn.Module, options: dict) -> None:
+    "Refuse options the encoder `arch` does not take, naming them and the ones it takes (not a failure deep in its library)."
+    if not options: return
+    source = encoder_source(arch)
+    if source not in ('scratch', 'timm'):
+        raise ValueError(f"encoder options {sorted(options)} are taken by 'unet' and timm encoders only, not by {getattr(arch, '__name__', arch)!r}")
+    if source == 'scratch': taken = _taken_options(inspect.signature(SCRATCH_ENCODERS[arch].__init__).parameters)
+    else: taken = _timm_options(arch.rpartition(':')[2])
+    also = set(inspect.signature(timm.create_model).parameters) if source == 'timm' else set()   # cache_dir, scriptable, …
+    unknown = sorted(set(options) - set(taken or options) - also)
+    if unknown:
+        raise ValueError(f"the encoder '{arch}' takes no option {', '.join(map(repr, unknown))}; the options it takes: {', '.join(taken)}")
+
 def create_encoder(arch: str | Callable | nn.Module,     # 'unet', a timm or pretrainedmodels name, or a torchvision/fastai callable
                    n_in: int = 3,                          # input channels
                    pretrained: bool = False,               # the library's pretrained weights (needs the network)
                    weights: str | Path | None = None,      # or a local file of the classification network's weights
                    **kwargs) -> Encoder:                   # options of the encoder: `UnetEncoder`'s, or timm's `create_model`'s
     "An `Encoder` for 'unet', a timm or pretrainedmodels name, or a torchvision/fastai callable."
-    if from_scratch(arch):
+    source = encoder_source(arch)
+    check_encoder_options(arch, kwargs)
+    if source == 'scratch':
         if pretrained or weights is not None:
             raise ValueError(f"'{arch}' is built from scratch and has no pretrained weights: pass pretrained=False and no weights=")
         return SCRATCH_ENCODERS[arch](n_in, **kwargs)
-    if kwargs and not (isinstance(arch, str) and (arch.startswith('timm:') or _timm_knows(arch))):
-        raise ValueError(f"encoder options {sorted(kwargs)} are taken by 'unet' and timm encoders only, not by {getattr(arch, '__name__', arch)!r}")
-    if not isinstance(arch, str): return torchvision_encoder(arch, n_in, pretrained, weights)
-    source, _, name = arch.rpartition(':')
-    if source == 'timm' or (not source and _timm_knows(name)):
-        if not _timm_knows(name): raise ValueError(f"timm has no model '{name}'{_suggest(name, timm.list_models())}")
-        return TimmEncoder(name, n_in, pretrained, weights, **kwargs)
-    import pretrainedmodels
-    if source == 'pretrainedmodels' or (not source and name in pretrainedmodels.model_names):
-        return pretrainedmodels_encoder(name, n_in, pretrained, weights)
-    if source: raise ValueError(f"unknown encoder source '{source}': use 'timm:' or 'pretrainedmodels:'")
-    candidates = list(SCRATCH_ENCODERS) + timm.list_models() + list(pretrainedmodels.model_names)
-    raise ValueError(f"no encoder named '{arch}' built in, in timm or in pretrainedmodels{_suggest(arch, candidates)}")
+    if source == 'torchvision': return torchvision_encoder(arch, n_in, pretrained, weights)
+    if source == 'timm': return TimmEncoder(arch.rpartition(':')[2], n_in, pretrained, weights, **kwargs)
+    return pretrainedmodels_encoder(arch.rpartition(':')[2], n_in, pretrained, weights)
 
 # %% ../../nbs/05_encoders.registry.ipynb #18c7da78
 def arch_name(arch: str | Callable) -> str:

@@ -17,13 +17,17 @@ __all__ = ['HEAD_NAMES', 'PretrainedWeightsUnavailable', 'in_classifier_head', '
            'load_into_model', 'count_loaded_convolutions', 'check_weights_loaded']
 
 # %% ../../nbs/00_encoders.weights.ipynb #98941b3e
-class PretrainedWeightsUnavailable(RuntimeError):
-    "Raised when `pretrained=True` cannot fetch weights (offline, or no weights published for the name)."
+class PretrainedWeightsUnavailable(ValueError, RuntimeError):
+    """Raised when `pretrained=True` cannot fetch weights (offline, or no weights published for the name). A ValueError,
+    so that the command line prints its message (what to pass instead) rather than a traceback."""
     def __init__(self, name: str, cause: Exception):
+        # the libraries' download errors (connection, offline hub, URL) are OSErrors; anything else: no such weights
+        problem = (f"no network to download the pretrained weights of '{name}'" if isinstance(cause, OSError) else
+                   f"could not get pretrained weights for '{name}'")
         super().__init__(
-            f"could not get pretrained weights for '{name}' ({type(cause).__name__}: {cause}). "
-            f"Without network access, pass weights='path/to/{name}.safetensors' (a state dict of the full "
-            f"classification model, saved as safetensors or with torch.save) or pretrained=False.")
+            f"{problem} ({type(cause).__name__}: {str(cause)[:300]}). Download them on a machine with network (the classification network's state "
+            f"dict, e.g. for timm torch.save(timm.create_model('{name}', pretrained=True).state_dict(), '{name}.pth')) and pass "
+            f"weights='{name}.pth' (on the command line: --weights {name}.pth), or pretrained=False (leave out --pretrained).")
 
 # %% ../../nbs/00_encoders.weights.ipynb #d7c10a7e
 HEAD_NAMES = ('fc', 'classifier', 'last_linear', 'last_conv', 'head', 'logits', 'aux', 'avgpool', 'avg_pool', 'global_pool', 'dropout')
@@ -36,7 +40,8 @@ def in_classifier_head(path: str) -> bool:
 def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     "Read a state dict from a safetensors file or a torch file, without ever unpickling arbitrary objects."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"weights file '{path}' does not exist")
+    if not path.is_file(): raise FileNotFoundError(f"weights file '{path}' does not exist (weights=, --weights): give the path of "
+                                                   f"a classification network's state dict (safetensors or torch.save)")
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file

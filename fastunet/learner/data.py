@@ -5,6 +5,7 @@
 # %% ../../nbs/23_learner.data.ipynb #369b03e6
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from fastai.vision.core import PILImage, PILImageBW, PILMask
 
 # %% auto #0
 __all__ = ['IMAGE_CLASSES', 'IMAGE_MODES', 'HIGH_BIT_MODES', 'PILImageRGBA', 'image_class', 'image_channels', 'check_bit_depth',
-           'image_array', 'image_tensor', 'MaskFromFolder']
+           'image_array', 'image_tensor', 'foreground', 'MaskFromFolder']
 
 # %% ../../nbs/23_learner.data.ipynb #55b5abb5
 class PILImageRGBA(PILImage):
@@ -73,39 +74,58 @@ def image_tensor(item: str | Path | Image.Image | np.ndarray, n_channels: int) -
     return torch.from_numpy(np.array(image_array(item, n_channels))).permute(2, 0, 1).float() / 255   # a copy: writable, any strides
 
 # %% ../../nbs/23_learner.data.ipynb #7bd9a3f1
+def foreground(mask: Image.Image) -> np.ndarray:
+    """The foreground of a mask image as booleans: what is drawn in a colour other than black and not transparent.
+    Palette masks show the colour of each index (an index the palette has no colour for counts by its value); a colour
+    with alpha 0 is background; where no colour is drawn but the alpha varies (black drawn on a transparent sheet), the
+    alpha is the drawing. So an opaque black mask is empty, whatever its mode."""
+    if mask.mode in ('P', 'PA'):
+        indices = np.array(mask)
+        indices = indices[..., 0] if indices.ndim == 3 else indices
+        shown = np.array(mask.convert('RGBA'))                 # the palette's colours, its transparency as alpha
+        colours = len(mask.getpalette() or []) // 3
+        colour, opaque = np.where(indices < colours, shown[..., :3].any(-1), indices != 0), shown[..., 3] != 0
+    else:
+        values = np.array(mask)
+        values = values.reshape(*values.shape[:2], -1)
+        if mask.mode not in ('RGBA', 'LA', 'RGBa', 'La'): return (values != 0).any(-1)
+        colour, opaque = (values[..., :-1] != 0).any(-1), values[..., -1] != 0
+    drawn = colour & opaque
+    return opaque if not drawn.any() and 0 < opaque.sum() < opaque.size else drawn
+
 class MaskFromFolder:
     "Label function: `root/images/x.png` → the mask `root/<folder>/x<suffix>`, read as class codes (`binary`: non-zero → 1)."
     def __init__(self,
                  folder: str = 'masks',       # the masks' folder, beside the images' folder
-                 binary: bool = False,        # foreground masks: any non-zero value is foreground (read as 1)
-                 suffix: str | None = None):  # the masks' file ending, when it differs from the image's (e.g. '_mask.png' → '.png')
+                 binary: bool = False,        # foreground masks: what is drawn, not black and not transparent, is foreground (read as 1)
+                 suffix: str | None = None):  # the mask's name is the image's stem + suffix ('.png': x.jpg → x.png; '_mask.png' → x_mask.png)
         self.folder, self.binary, self.suffix = folder, binary, suffix
 
     def path(self, image_path: str | Path) -> Path:
         "Where the mask of `image_path` is."
         image_path = Path(image_path)
-        mask = image_path.parent.parent / self.folder / image_path.name
-        return mask.with_suffix(self.suffix) if self.suffix else mask
+        folder = image_path.parent.parent / self.folder
+        return folder / (image_path.stem + self.suffix if self.suffix else image_path.name)
 
     def existing_path(self, image_path: str | Path) -> Path:
-        "`path`, checked: a missing mask is named with the image it belongs to."
+        "`path`, checked: a missing mask is named with the image it belongs to, and with the mask of another ending that exists."
         path = self.path(image_path)
-        if not path.is_file(): raise FileNotFoundError(f"no mask for '{image_path}': expected '{path}'")
-        return path
+        if path.is_file(): return path
+        stem = Path(image_path).stem
+        others = sorted(p.name for p in path.parent.glob(glob.escape(stem) + '*')
+                        if p.is_file() and p.name[len(stem):len(stem) + 1] in ('.', '_', '-')) if path.parent.is_dir() else []
+        hint = f"; '{path.parent / others[0]}' exists: pass --mask-suffix {others[0][len(stem):]}" if others else ''
+        raise FileNotFoundError(f"no mask for '{image_path}': expected '{path}'{hint}")
 
     def array(self, image_path: str | Path) -> np.ndarray:
         "The mask of `image_path` as a 2-D uint8 array of class codes (0/1 for binary masks)."
         path = self.existing_path(image_path)
-        with Image.open(path) as mask:
-            if self.binary and mask.mode in ('P', 'PA'): mask = mask.convert('RGBA')   # a foreground mask: the colours shown
-            values = np.array(mask)                    # palette masks: their indices; 16-bit masks: their values
-            has_alpha = mask.mode in ('RGBA', 'LA', 'PA')
-        if self.binary:
-            if has_alpha:                              # foreground: what is shown, visible and not black
-                colour, alpha = values[..., :-1], values[..., -1]
-                shown = alpha != 0
-                return (shown if not colour.any() else (colour != 0).any(-1) & shown).astype(np.uint8)
-            return (values.reshape(*values.shape[:2], -1) != 0).any(-1).astype(np.uint8)
+        try:
+            with Image.open(path) as mask:
+                if self.binary: return foreground(mask).astype(np.uint8)
+                values = np.array(mask)                # palette masks: their indices; 16-bit masks: their values
+        except OSError as e:                           # a truncated or not-an-image file: named itself, not only its image's name
+            raise ValueError(f"mask '{path}' cannot be read: it is truncated or not an image ({type(e).__name__}: {e})") from e
         if values.ndim != 2:
             raise ValueError(f"mask '{path}' has {values.shape[-1]} channels, but class-code masks have one: save it as a "
                              f"single-channel image of class codes, or read it as a foreground mask (binary=True, --binary-masks)")

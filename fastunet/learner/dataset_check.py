@@ -22,6 +22,7 @@ from fastai.vision.core import AddMaskCodes
 from PIL import Image
 
 from .data import check_bit_depth
+from .multilabel import UnpackLabels
 
 # %% auto #0
 __all__ = ['DEFAULT_FIXES', 'SIZING_TRANSFORMS', 'ItemCheck', 'DataSummary', 'check_segmentation_data', 'mask_classes',
@@ -52,6 +53,8 @@ class DataSummary:
 DEFAULT_FIXES = dict(
     binary="use get_y=MaskFromFolder(folder, binary=True) (any non-zero value is foreground)",
     classes="give the DataBlock codes for {n} classes (MaskBlock(codes)) and the learner n_out={n}",
+    binary_classes="give the DataBlock codes for 2 classes (background and foreground)",
+    empty_labels="Give those labels their masks, or leave them out of the labels (MultiLabelMaskBlock and MultiLabelMasks)",
     size="add an item transform that makes one size: Resize(size) or RandomCrop(size)",
     crop="pick a crop no larger than {side}")
 
@@ -82,7 +85,25 @@ def _listed(entries: list[str], total: int, shown: int = 5) -> str:
     more = f' … and {total - shown} more' if total > shown else ''
     return '; '.join(entries[:shown]) + more
 
-def _problems(summary: DataSummary, n_classes: int | None, same_size: bool, crop: int | None, fixes: dict) -> list[str]:
+def _absent(read: list[ItemCheck], n_classes: int, labels: Sequence[str] | None, fixes: dict) -> str | None:
+    """Classes (or multi-label labels) that occur in no mask: a model cannot learn them, and they pad the mean scores
+    (a class absent from truth and prediction scores 1)."""
+    seen = sorted(set().union(*(map(int, i.values) for i in read)))
+    if labels is not None:                   # packed multi-label masks: bit b set where label b is present
+        bits = np.bitwise_or.reduce(np.array(seen, np.int64))
+        empty = [label for bit, label in enumerate(labels) if not bits >> bit & 1]
+        return (f"the masks of label(s) {empty} are empty in every image: a label that never occurs cannot be learnt, and would pad "
+                f"the scores. {fixes['empty_labels'].format(labels=empty)}") if empty else None
+    missing = sorted(set(range(n_classes)) - set(seen))
+    if not missing: return None
+    fix = (fixes['binary_classes'] if seen == [0, 1] else fixes['classes'].format(n=len(seen)) if seen == list(range(len(seen))) else
+           f"renumber the classes as codes 0..{len(seen) - 1}, then " + fixes['classes'].format(n=len(seen)))
+    never = f'{missing[0]}..{missing[-1]}' if len(missing) > 2 and missing == list(range(missing[0], missing[-1] + 1)) else \
+            _listed([str(c) for c in missing], len(missing), 10)
+    return (f"{n_classes} classes, but the masks hold codes {seen} only: class(es) {never} never occur, so the model cannot learn them and they would pad the scores: {fix}")
+
+def _problems(summary: DataSummary, n_classes: int | None, same_size: bool, crop: int | None, fixes: dict,
+              labels: Sequence[str] | None = None) -> list[str]:
     "One sentence per kind of problem, each naming the files."
     problems, items = [], summary.items
     broken = [i for i in items if i.error]
@@ -112,6 +133,7 @@ def _problems(summary: DataSummary, n_classes: int | None, same_size: bool, crop
             problems.append(f"all {len(read)} masks are foreground at every pixel as read: a model that predicts everywhere would "
                             f"score perfectly on them. Check the mask folder, and that the background is stored as 0 "
                             f"(a white background is foreground to a foreground mask).")
+        elif absent := _absent(read, n_classes, labels, fixes): problems.append(absent)
     if same_size and len(summary.sizes) > 1:
         examples = {}
         for i in read: examples.setdefault(i.image_size, i.name)
@@ -131,14 +153,15 @@ def check_segmentation_data(names: Sequence[str],              # each item's nam
                             same_size: bool = True,            # items are batched as they are (no crop or resize)
                             crop: int | None = None,           # the training crop, which must fit every image
                             fixes: dict[str, str] | None = None,  # how a user fixes each problem (`DEFAULT_FIXES`' keys)
-                            threads: int | None = None         # reading threads (default: the CPU count, at most 8)
+                            threads: int | None = None,        # reading threads (default: the CPU count, at most 8)
+                            labels: Sequence[str] | None = None  # multi-label: what each bit of the packed masks is, for messages
                             ) -> DataSummary:
     "Read every item; raise one `ValueError` listing every kind of problem with its files, or return what was read."
     fixes = {**DEFAULT_FIXES, **(fixes or {})}
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
         items = list(pool.map(lambda i: _read_item(str(names[i]), read, i, n_classes is not None), range(len(names))))
     summary = DataSummary(items, Counter(i.image_size for i in items if not i.error))
-    problems = _problems(summary, n_classes, same_size, crop, fixes)
+    problems = _problems(summary, n_classes, same_size=same_size, crop=crop, fixes=fixes, labels=labels)
     if problems:
         raise ValueError(f"the data cannot train ({len(names)} items checked):\n- " + '\n- '.join(problems))
     return summary
@@ -157,6 +180,13 @@ def mask_classes(dblock: DataBlock) -> int | None:
     for tfm in dblock.item_tfms:
         if isinstance(tfm, AddMaskCodes) and tfm.codes is not None: return len(tfm.codes)
     return None
+
+def _label_names(dblock: DataBlock) -> list[str] | None:
+    "A multi-label block's labels (the names of their mask folders) in bit order: its codes for one label each; None for other blocks."
+    unpack = [t for t in dblock.batch_tfms if isinstance(t, UnpackLabels)]
+    if not unpack: return None
+    codes = ([t.codes for t in dblock.item_tfms if isinstance(t, AddMaskCodes) and t.codes is not None] or [None])[0]
+    return [str(codes[1 << bit]) if codes else f'bit {bit}' for bit in range(unpack[0].n_classes)]
 
 def item_names(dblock: DataBlock, df: pd.DataFrame) -> list[str]:
     "What names each row of `df` in messages: its `get_x` (the image's path), else the row itself."
@@ -192,4 +222,4 @@ def check_datablock(dblock: DataBlock,                   # how items are read (i
     if class_targets and n_classes is None: n_classes = max(mask_classes(dblock) or 2, 2)
     sized = any(isinstance(t, SIZING_TRANSFORMS) for t in dblock.item_tfms)
     return check_segmentation_data(names, lambda index: dataset[position[index]], n_classes if class_targets else None,
-                                   same_size=not sized, crop=_crop_size(dblock), fixes=fixes)
+                                   same_size=not sized, crop=_crop_size(dblock), fixes=fixes, labels=_label_names(dblock))

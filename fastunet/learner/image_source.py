@@ -142,7 +142,15 @@ TIFF_SUFFIXES = ('.tif', '.tiff')
 def _open_npy(path: Path) -> ArraySource:
     try: array = np.load(path, mmap_mode='r')
     except ValueError as e: raise ValueError(f"'{path}' cannot be read as a .npy array ({e})") from e
-    return ArraySource(array.view(np.uint8) if array.dtype == bool else array, f"'{path}'")
+    if array.dtype == bool:         # read as 0/1 of 255 it would be an almost black image, predicted without a word
+        raise ValueError(f"'{path}' holds bool values: as an image they would be 0 and 1 of 255, almost black. Save images as "
+                         "uint8 0..255 (a bool array as np.save(path, array.astype(np.uint8) * 255)); masks go in the mask folder")
+    if array.dtype != np.uint8:     # values are not looked at: the array may be larger than memory
+        how = ('np.uint8(np.clip(array, 0, 1) * 255) for values 0..1' if array.dtype.kind in 'fc' else
+               'scaled to 0..255 as suits the data, e.g. np.uint8(array / array.max() * 255)')
+        raise ValueError(f"'{path}' holds {array.dtype} values; .npy images are read as uint8 0..255 (as 8-bit PNG and TIFF are): "
+                         f"save it as uint8 ({how})")
+    return ArraySource(array, f"'{path}'")
 
 def stored_channels(item: str | Path | np.ndarray) -> int:
     "The channels of an image as stored: a TIFF's samples, a .npy array's last axis, a PIL image's bands (palette as RGB)."

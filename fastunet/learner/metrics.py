@@ -68,16 +68,16 @@ class _OverlapMetric(Metric):
         self.union += (pred | truth).sum().item()
 
 class BinaryDice(_OverlapMetric):
-    "Dice of the foreground over the dataset, for one-logit (thresholded) or class-score outputs."
+    "Dice of the foreground over the dataset, for one-logit (thresholded) or class-score outputs; 1 where both are empty."
     @property
-    def value(self): return 2 * self.intersection / self.total if self.total else None
+    def value(self): return 2 * self.intersection / self.total if self.total else 1.     # nothing predicted, nothing there
     @property
     def name(self): return 'dice'
 
 class BinaryIoU(_OverlapMetric):
-    "IoU (Jaccard) of the foreground over the dataset, for one-logit (thresholded) or class-score outputs."
+    "IoU (Jaccard) of the foreground over the dataset, for one-logit (thresholded) or class-score outputs; 1 where both are empty."
     @property
-    def value(self): return self.intersection / self.union if self.union else None
+    def value(self): return self.intersection / self.union if self.union else 1.
     @property
     def name(self): return 'iou'
 

@@ -22,8 +22,8 @@ from ..learner.multilabel import MAX_LABELS, MultiLabelMaskBlock, MultiLabelMask
 from .task import Task
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'CLI_FIXES', 'refuse_shared_names', 'list_images', 'folder_channels', 'mask_labels',
-           'segmentation_block', 'true_masks']
+__all__ = ['IMAGE_SUFFIXES', 'CHANNEL_NAMES', 'CLI_FIXES', 'refuse_shared_names', 'list_images', 'channel_conversions',
+           'folder_channels', 'mask_labels', 'segmentation_block', 'true_masks']
 
 # %% ../../nbs/39_pipeline.data_folder.ipynb #de8246c2
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
@@ -38,19 +38,47 @@ def refuse_shared_names(images: list[Path], where: str, full_paths: bool = False
                          f"submission rows are found by name, so each image needs its own. Rename or remove the duplicates.")
 
 def list_images(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
-    "The images in `folder` (files ending in one of `suffixes`), sorted by name; two files that would share an id are refused."
+    """The images in `folder` (files ending in one of `suffixes`), sorted by name; two files that would share an id are refused.
+    .npy arrays left out (they are read by windows, with --tile) are said: in one line beside other images, as the error without them."""
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"image folder '{folder}' does not exist")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in suffixes]
+    arrays = [p for p in files if p.suffix.lower() == '.npy' and '.npy' not in suffixes]
+    if arrays:
+        note = (f"{len(arrays)} .npy image(s) in '{folder}' (e.g. '{arrays[0].name}') are read only with --tile (`fastunet predict "
+                f"--tile T`, T e.g. 512)")
+        if not images: raise ValueError(f"{note}: pass --tile T")
+        print(f"{note}: they are left out")
     refuse_shared_names(images, f"'{folder}'")
     return images
 
-def folder_channels(images: list[Path]) -> int:
-    "The channels of the first image that opens: the data check then names every file that does not."
+CHANNEL_NAMES = {1: 'grey', 3: 'RGB', 4: 'RGBA'}
+
+def channel_conversions(images: list[Path], n_channels: int) -> str | None:
+    """One line saying how many `images` are read with other channels than they have (`n_channels`; None when none): from
+    each file's header (PIL opens lazily: well under a millisecond an image). A file that does not open is left to the data check."""
+    by_channels = defaultdict(list)
     for image in images:
-        try: return image_channels(image)
+        try: by_channels[image_channels(image)].append(Path(image))
+        except Exception: pass               # noqa: BLE001, S110: a file that does not open is named by the check
+    converted = {n: files for n, files in sorted(by_channels.items()) if n != n_channels}
+    if not converted: return None
+    listed = '; '.join(f"{len(files)} {CHANNEL_NAMES.get(n, f'{n}-channel')} image(s) (e.g. '{files[0].name}')" for n, files in converted.items())
+    how = 'which adds nothing and loses nothing' if max(converted) < n_channels else 'which drops what they hold beyond it'
+    return f"of the {len(images)} images, {listed} are read as {CHANNEL_NAMES.get(n_channels, f'{n_channels}-channel')}, {how}"
+
+def folder_channels(images: list[Path]) -> int:
+    """The channels the model takes: the most that any image has, read from every file's header (not the first file's
+    alone), so colour is never dropped; images with fewer are promoted (grey → RGB loses nothing), said in one line."""
+    channels = set()
+    for image in images:
+        try: channels.add(image_channels(image))
         except Exception as e: error = e     # noqa: BLE001: any file that does not open is reported by the check
-    raise ValueError(f"none of the {len(images)} files in '{images[0].parent}' opens as an image, e.g. '{images[0]}' ({error})")
+    if not channels:
+        raise ValueError(f"none of the {len(images)} files in '{images[0].parent}' opens as an image, e.g. '{images[0]}' ({error})")
+    if len(channels) > 1: print(channel_conversions(images, max(channels)))
+    return max(channels)
 
 def mask_labels(data: Path, mask_folder: str, classes: int | None) -> list[str]:
     "The labels of a multi-label data set: the sub-folders of its mask folder, by name; `classes`, where given, must count them."
@@ -65,6 +93,8 @@ def mask_labels(data: Path, mask_folder: str, classes: int | None) -> list[str]:
     return labels
 
 CLI_FIXES = dict(binary='pass --binary-masks (any non-zero value is foreground)', classes='pass --classes {n}',
+                 binary_classes='leave out --classes (binary) or pass --classes 2',
+                 empty_labels='Give those label folders masks that show the label, or remove the folders from the mask folder',
                  size='pass --resize S (every image resized to S×S) or --crop S (random S×S crops)',
                  crop='pass --crop {side} or smaller, or --resize', restart='pass --restart', out='pass another --out')
 
@@ -74,25 +104,27 @@ def segmentation_block(n_channels: int = 1,          # image channels
                        binary_masks: bool = False,   # any non-zero value is foreground
                        crop: int | None = None,      # random crops of this side
                        resize: int | None = None,    # every image squished to this side
-                       task: Task | None = None      # what the masks hold: binary (the default), classes or multilabel
+                       task: Task | None = None,     # what the masks hold: binary (the default), classes or multilabel
+                       mask_suffix: str | None = None  # a mask's name is its image's stem + this (e.g. '.png' for JPEG images); default: the image's name
                        ) -> DataBlock:
     "A DataBlock over a DataFrame whose `item` column holds image paths; masks come from the sibling folder (multi-label: one folder per label)."
     # squished, as `FoldEnsemble` resizes at prediction (fastai's default, a crop, would train on what prediction never sees)
     task = Task.binary() if task is None else task
     item_tfms = [RandomCrop(crop)] if crop else [Resize(resize, method=ResizeMethod.Squish)] if resize else []
-    if task.kind == 'multilabel': target, get_mask = MultiLabelMaskBlock(list(task.labels)), MultiLabelMasks(list(task.labels), mask_folder)
+    if task.kind == 'multilabel': target, get_mask = MultiLabelMaskBlock(list(task.labels)), MultiLabelMasks(list(task.labels), mask_folder, suffix=mask_suffix)
     elif task.kind in ('binary', 'classes'):
         codes = ['background', 'foreground'] if task.kind == 'binary' else [f'class_{i}' for i in range(task.n_out)]
-        target, get_mask = MaskBlock(codes), MaskFromFolder(mask_folder, binary=binary_masks)
+        target, get_mask = MaskBlock(codes), MaskFromFolder(mask_folder, binary=binary_masks, suffix=mask_suffix)
     else: raise ValueError(f"a folder of masks trains binary, classes or multilabel tasks, not {task.kind}")
     return DataBlock(blocks=(ImageBlock(image_class(n_channels)), target),
                      get_x=ColReader('item'), get_y=Pipeline([ColReader('item'), get_mask]), item_tfms=item_tfms, batch_tfms=[Flip()])
 
-def true_masks(task: Task, items, mask_folder: str = 'masks', binary_masks: bool = False) -> torch.Tensor:
+def true_masks(task: Task, items, mask_folder: str = 'masks', binary_masks: bool = False, mask_suffix: str | None = None) -> torch.Tensor:
     "The true masks of `items` (N, masks, H, W) as booleans, one per `task.mask_names`: what the thresholds are chosen against."
     if task.kind == 'multilabel':
-        reader = MultiLabelMasks(list(task.labels), mask_folder)
+        reader = MultiLabelMasks(list(task.labels), mask_folder, suffix=mask_suffix)
         return torch.stack([torch.from_numpy(reader.labels(item)) for item in items]).bool()
-    codes = torch.stack([torch.from_numpy(np.asarray(MaskFromFolder(mask_folder, binary=binary_masks).array(item))) for item in items])
+    reader = MaskFromFolder(mask_folder, binary=binary_masks, suffix=mask_suffix)
+    codes = torch.stack([torch.from_numpy(np.asarray(reader.array(item))) for item in items])
     if task.kind == 'binary': return (codes > 0)[:, None]
     return torch.stack([codes == code for code in range(1, task.n_out)], 1)

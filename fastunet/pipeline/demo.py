@@ -19,7 +19,7 @@ from ..learner.data import MaskFromFolder
 from ..learner.metrics import tgs_scores
 from ..learner.synthetic import make_synthetic_dataset
 from .ensemble import FoldEnsemble
-from .files import atomic_write
+from .files import DEMO_MARK, atomic_write, check_ours_to_write
 from .submission import apply_threshold
 from .data_folder import list_images
 from .prediction import run_prediction
@@ -58,6 +58,9 @@ def run_demo(dest: str = 'fastunet_demo',          # folder for data, models, su
     from fastai.torch_core import set_seed
     set_seed(seed, reproducible=True)
     dest, start = Path(dest).resolve(), time.time()
+    # the demo replaces what a demo wrote (it restarts its run): only in a new or empty folder, or one a demo marked as its own
+    check_ours_to_write(dest, marks=[DEMO_MARK], flag='--dest')
+    atomic_write(dest / DEMO_MARK, lambda p: p.write_text(json.dumps(dict(written_by='fastunet demo', arch=arch, seed=seed))))
     print(f'fastunet demo: writing data, models, submission.csv, report.json and predictions.png to {dest}')
     train = make_synthetic_dataset(dest / 'data' / 'train', n_images=n_images, size=(size, size), seed=seed)
     test = make_synthetic_dataset(dest / 'data' / 'test', n_images=n_test, size=(size, size), seed=seed + 1)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..encoders.registry import resolve_arch
 from ..learner.data import image_array
 from .records import fold_paths, load_fold_records, read_run
+from .fold_weights import read_fold_weights, weights_problem
 from ..learner.distributed import unwrap_model
 from .inference import inference_model
 from .options import PREDICT_OPTION_NAMES, PredictOptions
@@ -128,7 +129,14 @@ class FoldEnsemble:
                                     config=UnetConfig(**record['config']), encoder_kwargs=record['encoder_kwargs'])
             weights = fold_paths(model_dir, record['fold'])['weights']
             if not weights.exists(): raise FileNotFoundError(f"fold {record['fold']} has a record but no weights '{weights}'")
-            try: model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
+            try: state, identity = read_fold_weights(weights)
+            except ValueError as e: raise ValueError(f"fold {record['fold']}'s weights do not load into fold {record['fold']}'s model: {e}: "
+                                                     f"retrain that fold (rerun the training command)") from e
+            foreign = weights_problem(weights, identity, record)        # another run's or fold's weights, copied in
+            if foreign is not None:
+                raise ValueError(f"fold {record['fold']}'s {foreign}: put the fold's own weights back, or retrain it (rerun the "
+                                 f"training command of this run: it trains such a fold again)")
+            try: model.load_state_dict(state)
             except Exception as e: raise ValueError(f"weights '{weights}' do not load into fold {record['fold']}'s model: {e}") from e
             models.append(model)
         return cls(models, records[0], options, task, thresholds)

@@ -7,6 +7,7 @@ and the temporary files a killed run leaves behind are removed by the next run i
 # %% ../../nbs/30_pipeline.files.ipynb #09a2e333
 from __future__ import annotations
 
+import csv
 import os
 import re
 import socket
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 # %% auto #0
-__all__ = ['STALE_AFTER_S', 'this_writer', 'writer_gone', 'remove_stale_temporaries', 'atomic_write']
+__all__ = ['STALE_AFTER_S', 'DEMO_MARK', 'this_writer', 'writer_gone', 'remove_stale_temporaries', 'atomic_write',
+           'check_ours_to_write']
 
 # %% ../../nbs/30_pipeline.files.ipynb #7c4dbaf8
 def _new_file_mode() -> int:
@@ -83,3 +85,52 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+# %% ../../nbs/30_pipeline.files.ipynb #2e5f4307
+DEMO_MARK = 'fastunet_demo.json'     # `fastunet demo` marks its folder with this file: a later demo may replace what is there
+
+def _first_row(path: Path) -> list[str] | None:
+    "The first CSV row of the file `path`; None where it is not text (an image, a model)."
+    try:
+        with open(path, newline='', encoding='utf-8') as f: line = f.readline(65536)
+    except (UnicodeDecodeError, OSError): return None
+    return next(csv.reader([line]), [])
+
+def _files_in(folder: Path, at_most: int) -> list[str]:
+    "Up to `at_most` files in `folder` and below (relative paths): a killed writer's temporary files and empty folders are nothing."
+    found = []
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if _TEMPORARY.match(name): continue
+            found.append(str((Path(root) / name).relative_to(folder)))
+            if len(found) >= at_most: return found
+    return found
+
+def check_ours_to_write(out: str | Path,                        # the folder (with `header`: the file) a command is about to write
+                        marks: Sequence[str] = (),              # files (glob patterns in `out`) that make a folder ours: a run record
+                        header: Sequence[str] | None = None,    # `out` is a CSV file: its first row, when this command wrote it
+                        inputs: Sequence[str | Path] = (),      # files the command reads: never written
+                        flag: str = '--out'                     # the argument that named `out`, for the message
+                        ) -> None:
+    """Refuse to write where a user's files could be replaced, before any work: a folder that is new, empty or holds one
+    of `marks`; a file that is new, empty, or a CSV whose first row is `header`, and none of `inputs`. The message names
+    the files found and the fix."""
+    out = Path(out)
+    if header is None:
+        if out.is_file(): raise ValueError(f"{flag} '{out}' is a file, not a folder: choose another {flag} (a new or empty folder)")
+        if not out.is_dir() or any(next(out.glob(mark), None) for mark in marks): return
+        found = _files_in(out, 6)
+        if found:
+            names = ', '.join(found[:5]) + (', …' if len(found) > 5 else '')
+            raise ValueError(f"{flag} '{out}' holds files that fastunet did not write ({names}) and none of its own ({', '.join(marks)}): "
+                             f"writing there could replace them. Choose another {flag} (a new or empty folder).")
+        return
+    if out.is_dir(): raise ValueError(f"{flag} '{out}' is a folder: give the file's path, e.g. '{out / 'submission.csv'}'")
+    if not out.is_file() or out.stat().st_size == 0: return
+    if any(Path(p).name == out.name and Path(p).exists() and os.path.samefile(p, out) for p in inputs):
+        raise ValueError(f"{flag} '{out}' is one of the input files: writing there would replace it; choose another {flag}")
+    first = _first_row(out)
+    if first != list(header):
+        seen = 'is not text' if first is None else f"begins {','.join(first)[:80]!r}"
+        raise ValueError(f"{flag} '{out}' exists and is not a file this command writes (it {seen}, not {','.join(header)!r}): "
+                         f"writing there would replace it; choose another {flag} or delete it")

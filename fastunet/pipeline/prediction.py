@@ -12,18 +12,64 @@ from typing import Iterator
 
 import numpy as np
 from fastprogress.fastprogress import progress_bar
+from PIL import Image
 
 from ..learner.image_source import TIFF_SUFFIXES, open_image
-from .data_folder import refuse_shared_names
+from .data_folder import IMAGE_SUFFIXES, refuse_shared_names
+from .files import check_ours_to_write
 from .ensemble import FoldEnsemble
 from .options import PredictOptions
-from .records import read_run
+from .records import RUN_FILE, read_run
 from .submission import rle_encode, write_submission
 from .thresholds import THRESHOLDS_FILE, Thresholds
-from .tiling import predict_labels_tiled
+from .tiling import TileGrid, predict_labels_tiled
 
 # %% auto #0
-__all__ = ['LABELS_IN_MEMORY', 'tiled_rows', 'submission_header', 'run_prediction']
+__all__ = ['MAX_TILE_WORK', 'LABELS_IN_MEMORY', 'check_prediction_folders', 'check_tile_work', 'tiled_rows', 'submission_header',
+           'run_prediction']
+
+# %% ../../nbs/39a_pipeline.prediction.ipynb #aea41dab
+def _holds_run(folder: Path) -> bool: return (folder / RUN_FILE).is_file() or any(folder.glob('fold_*.json'))
+
+def check_prediction_folders(models: str | Path,                  # the folder given as the run's models
+                             images: str | Path | None = None     # the folder given as the images to predict
+                             ) -> None:
+    "A run folder given for its models/, the two folders swapped, or a models folder given as the images: named, with the fix."
+    models = Path(models)
+    if images is not None and _holds_run(Path(images)) and not _holds_run(models):
+        raise ValueError(f"the two folders look swapped: '{images}' holds a run's models and '{models}' does not: give the models "
+                         f"first, then the images (fastunet predict '{images}' '{models}')")
+    if images is not None and (_holds_run(Path(images)) or _holds_run(Path(images) / 'models')):
+        raise ValueError(f"'{images}' holds a run, not images to predict: give the folder of the images as the second folder")
+    if not models.is_dir() or _holds_run(models): return          # a missing folder: named by the ensemble's loader
+    if _holds_run(models / 'models'): raise ValueError(f"'{models}' is a run folder, not its models: did you mean '{models / 'models'}'?")
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in models.iterdir()):
+        raise ValueError(f"'{models}' holds images, not a run's models ({RUN_FILE} and fold_K.json): give fastunet train's "
+                         f"OUT/models first, then the images")
+
+MAX_TILE_WORK = 16     # an overlap may multiply the tiles of an image (against no overlap) by at most this
+
+def _image_size(item: Path) -> tuple[int, int] | None:
+    "(height, width) of an image file, read from its header or by windows; None where it does not open (named later)."
+    try:
+        if Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',):
+            source = open_image(item, None)
+            try: return tuple(source.shape[:2])
+            finally: source.close()
+        with Image.open(item) as image: return image.height, image.width
+    except Exception: return None                  # noqa: BLE001: the prediction names the file that cannot be read
+
+def check_tile_work(images: list[Path], tile: int, overlap: float | int) -> None:
+    "Refuse an `overlap` that multiplies an image's tiles by more than `MAX_TILE_WORK`: how many tiles, and which overlap is reasonable."
+    sizes = {size for size in map(_image_size, images) if size is not None}
+    def tiles(size, overlap) -> int: return len(TileGrid.for_image(*size, tile, overlap))
+    def work(overlap) -> float: return max((tiles(size, overlap) / tiles(size, 0) for size in sizes), default=1.)
+    if work(overlap) <= MAX_TILE_WORK: return
+    largest = max(sizes, key=lambda size: tiles(size, overlap))
+    reasonable = next(o for o in (round(0.05 * step, 2) for step in range(19, -1, -1)) if work(o) <= MAX_TILE_WORK)
+    raise ValueError(f"--overlap {overlap} with --tile {tile} makes {tiles(largest, overlap):,} tiles for the largest image "
+                     f"({largest[0]}×{largest[1]}) instead of {tiles(largest, 0)} without overlap: more than {MAX_TILE_WORK} times the "
+                     f"work; use --overlap {reasonable} or less (e.g. the default 0.25)")
 
 # %% ../../nbs/39a_pipeline.prediction.ipynb #12477e1f
 LABELS_IN_MEMORY = 2 ** 28    # pixels: a larger image's label map (uint8) goes to a memory-mapped temporary file
@@ -91,6 +137,7 @@ def run_prediction(models: str | Path,                       # folder of fold re
     if Path(out_csv).is_dir(): raise ValueError(f"--out '{out_csv}' is a folder: give the submission file's path, e.g. '{Path(out_csv) / 'submission.csv'}'")
     refuse_shared_names(images, 'the list', full_paths=True)
     models = Path(models)
+    check_prediction_folders(models)
     ensemble = FoldEnsemble.from_dir(models, options)     # every fold of the run there, none from another: or a clear error
     # (the task and the chosen thresholds come with it, read from the run's records)
     task, run, chosen = ensemble.task, read_run(models), ensemble.thresholds
@@ -99,9 +146,11 @@ def run_prediction(models: str | Path,                       # folder of fold re
     thresholds = chosen.overridden(options.threshold, options.min_area)
     resize = (run or {}).get('definition', {}).get('resize')
     header = submission_header(ensemble)
+    check_ours_to_write(out_csv, header=header, inputs=images)     # a new file, or a submission this command wrote: never an input
     def image_id(item) -> str: return Path(item).name if options.id_with_suffix else Path(item).stem
     if options.tile is not None:
         _refuse_what_tiles_cannot_do(ensemble, options, thresholds, resize)
+        check_tile_work(images, options.tile, options.overlap)
         return write_submission(tiled_rows(ensemble, images, thresholds, options, image_id), out_csv, header)
     if ensemble.has_classifier and options.classifier_threshold is None and chosen.classifier_threshold is None:
         print(f"the empty-mask classifier's threshold was not chosen in training ({models / THRESHOLDS_FILE} has none: crops, "

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .files import this_writer, writer_gone
+from .fold_weights import read_fold_weights, weights_problem
 from .state import (MUST_AGREE, STATE_SCHEMA, FoldRecord, RunRecord, read_fold_record, read_run_record,
                                      write_fold_record, write_run_record)
 
@@ -52,16 +53,24 @@ def _changes(then: dict, now: dict) -> str:
                for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)]
     return '; '.join(changes) or f'the same arguments, but its {RUN_FILE} was edited by hand (its run id does not match them)'
 
-_FOLD_FILE = re.compile(r'^fold_(\d+)(\.json|\.pth|_oof\.npy)$')    # exactly the names `fold_paths` gives
+_FOLD_FILE = re.compile(r'^fold_(0|[1-9]\d*)(\.json|\.pth|_oof\.npy)$')    # exactly the names `fold_paths` gives (never 'fold_01')
 
 def _fold_files(out_dir: Path, kind: str | None = None) -> list[Path]:
     "The files of every fold in `out_dir` (only records with kind='.json'); a user's `fold_0_backup.pth` is not one."
     return sorted(p for p in out_dir.glob('fold_*') if (m := _FOLD_FILE.match(p.name)) and (kind is None or m[2] == kind))
 
-def clear_run(out_dir: str | Path) -> None:
-    "Delete what a run wrote in `out_dir` (its record and every fold's files); nothing else in the folder is touched."
+def clear_run(out_dir: str | Path, folds: Sequence[int] = ()) -> None:
+    """Delete what a run wrote in `out_dir`: its record and, by their exact names (`fold_paths`), the files of its folds (those
+    of its record, `folds`, and those a fold record names as its own). A user's `fold_01.json` or `fold_0_backup.pth` stays."""
     out_dir = Path(out_dir)
-    for path in [out_dir / RUN_FILE, *_fold_files(out_dir)]: path.unlink(missing_ok=True)
+    own = {int(f) for f in folds}
+    try: own |= set(read_run(out_dir)['folds'] if (out_dir / RUN_FILE).exists() else [])
+    except ValueError: pass                          # a damaged run.json: the folds given and the fold records tell
+    for path in _fold_files(out_dir, '.json'):       # fastunet 0.1.0's folds (no run.json): a fold record under its own name
+        try: record = read_fold_record(path)
+        except ValueError: continue                  # not a fold record: not ours to delete
+        if path.name == fold_paths(out_dir, record.fold)['record'].name: own.add(record.fold)
+    for path in [out_dir / RUN_FILE, *(p for fold in sorted(own) for p in fold_paths(out_dir, fold).values())]: path.unlink(missing_ok=True)
 
 def _finished_folds(out_dir: Path, run_id: str) -> list[int]:
     "The folds whose record says they were finished by run `run_id`."
@@ -138,14 +147,16 @@ def fold_problem(out_dir: str | Path, fold: int, run: dict, valid_index: Sequenc
     if record.run_id != run['run_id']: return 'it was written by another run'
     if record.valid_index != [int(i) for i in valid_index]: return "its validation items are not this run's"
     if not isinstance(record.score, (int, float)) or not math.isfinite(record.score): return f"its best {record.monitor or 'score'} is {record.score}"
-    try: state = torch.load(paths['weights'], map_location='cpu', weights_only=True)
-    except Exception as e: return f"its weights '{paths['weights']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
-    if not isinstance(state, dict) or not state: return f"its weights '{paths['weights']}' hold no state dict"
+    try: state, identity = read_fold_weights(paths['weights'])
+    except ValueError as e: return f"its {e}"
+    foreign = weights_problem(paths['weights'], identity, record)        # another run's or fold's weights, copied in
+    if foreign is not None: return f"its {foreign}"
     if not finite_state(state): return f"its weights '{paths['weights']}' hold NaN or infinite values"
-    try: n_predictions = len(np.load(paths['oof'], mmap_mode='r'))
+    try: predictions = np.load(paths['oof'], mmap_mode='r')
     except Exception as e: return f"its out-of-fold predictions '{paths['oof']}' cannot be read ({type(e).__name__}: {e})"   # noqa: BLE001
-    if n_predictions != len(valid_index):
-        return f"its out-of-fold predictions hold {n_predictions} items, its validation set {len(valid_index)}"
+    if len(predictions) != len(valid_index):
+        return f"its out-of-fold predictions hold {len(predictions)} items, its validation set {len(valid_index)}"
+    if not np.isfinite(predictions).all(): return f"its out-of-fold predictions '{paths['oof']}' hold NaN or infinite values (it diverged)"
     if record.config.get('classifier') and not _probabilities(record.oof_nonempty, len(valid_index)):
         return "its record lacks the empty-mask classifier's out-of-fold probabilities (one in [0, 1] per validation item)"
     return None
@@ -175,6 +186,10 @@ def _check_complete(model_dir: Path, records: list[FoldRecord], wanted: list[int
                              f"describes: delete them, or retrain them by rerunning the training command of this run")
         expected = run['folds']
     else:                                        # records written before runs had a run.json: their own fold count
+        runs = {r['fold']: r.run_id for r in records if r.run_id is not None and (wanted is None or r['fold'] in wanted)}
+        if len(set(runs.values())) > 1:           # folds of several runs, side by side: not one model
+            raise ValueError(f"the folds in '{model_dir}' were written by different runs (fold: run id {runs}): they cannot be "
+                             f"ensembled; keep one run's folds in a folder (or pass --folds / folds= to pick those of one run)")
         counts = {r.fold: r.n_folds for r in records if r.n_folds is not None}
         if len(set(counts.values())) > 1:
             raise ValueError(f"the folds in '{model_dir}' come from runs of different fold counts ({counts}): they cannot be ensembled")

@@ -20,7 +20,7 @@ __all__ = ['STATE_SCHEMA', 'RESTART', 'MUST_AGREE', 'RETRAIN', 'RunRecord', 'rea
            'read_fold_record', 'write_fold_record']
 
 # %% ../../nbs/33a_pipeline.state.ipynb #74c2623f
-STATE_SCHEMA = 2
+STATE_SCHEMA = 3      # 3: each fold's weights carry their identity (see `pipeline.fold_weights`)
 
 class _MappingRecord(Mapping):
     "A dataclass that reads as the JSON object it is written as."

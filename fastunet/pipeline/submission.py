@@ -36,14 +36,18 @@ def rle_encode(mask: np.ndarray | torch.Tensor,       # one 2-D mask (height, wi
     if threshold is not None and not 0 <= threshold <= 1: raise ValueError(f"threshold must be a probability in [0, 1], not {threshold}")
     # by blocks of columns (about 16 M pixels each): a 20,000² mask never needs a second full-size copy
     columns_per_block = max(1, 2 ** 24 // max(1, array.shape[0]))
-    changes, previous, offset = [], False, 0
+    changes, previous, offset, n_nan = [], False, 0, 0
     for first in range(0, array.shape[1], columns_per_block):
         block = np.asarray(array[:, first:first + columns_per_block])
+        if threshold is not None and np.issubdtype(block.dtype, np.floating): n_nan += int(np.isnan(block).sum())
         pixels = (block == label if label is not None else _foreground(block, threshold)).T.ravel()
         if not pixels.size: continue
         steps = np.flatnonzero(pixels != np.concatenate([[previous], pixels[:-1]]))
         changes.append(steps + offset + 1)
         previous, offset = bool(pixels[-1]), offset + pixels.size
+    if n_nan:    # NaN > threshold is False: a diverged model's pixels would quietly become background
+        raise ValueError(f"{n_nan} of the {array.size} probabilities of this mask are NaN: the model that made them diverged "
+                         "(or its input held NaN); nothing sensible can be encoded from them")
     changes = np.concatenate(changes + ([np.array([offset + 1])] if previous else [])) if changes else np.zeros(0, int)
     starts, ends = changes[::2], changes[1::2]
     return ' '.join(f'{s} {e - s}' for s, e in zip(starts, ends))
@@ -58,19 +62,39 @@ def _foreground(block: np.ndarray, threshold: float | None) -> np.ndarray:
                      "probabilities, or a boolean mask such as mask > 0 for a 0/255 mask")
 
 def rle_decode(rle: str | None, shape: tuple[int, int]) -> np.ndarray:
-    "The uint8 mask (0/1) of `shape` (height, width) that `rle_encode` made `rle` from; an empty cell (None, NaN, '') is empty."
-    height, width = shape
-    flat = np.zeros(height * width, dtype=np.uint8)
+    """The uint8 mask (0/1) of `shape` (height, width) that `rle_encode` made `rle` from; an empty cell (None, NaN, '') is
+    empty. Runs must be sorted, apart and inside the mask, as Kaggle requires; the first that is not is named."""
+    height, width = _mask_shape(shape)
     if not isinstance(rle, str) and np.ndim(rle) == 0 and pd.isna(rle): rle = ''   # None, NaN, pd.NA: how pandas reads an empty cell
     if not isinstance(rle, str): raise ValueError(f"an RLE is a string of start/length pairs, not {type(rle).__name__} {rle!r}")
-    try: numbers = [int(n) for n in rle.split()]
-    except ValueError as e: raise ValueError(f"an RLE holds whole numbers only; got {rle[:40]!r}") from e
+    try: numbers = np.array(rle.split(), dtype=np.int64)
+    except (ValueError, OverflowError) as e: raise ValueError(f"an RLE holds whole numbers only; got {rle[:40]!r}") from e
     if len(numbers) % 2: raise ValueError(f"an RLE string holds start/length pairs; got {len(numbers)} numbers")
-    for start, length in zip(numbers[::2], numbers[1::2]):
-        if start < 1 or length < 1 or start - 1 + length > flat.size:
-            raise ValueError(f"run {start} {length} does not fit a {height}×{width} mask")
-        flat[start - 1:start - 1 + length] = 1
-    return flat.reshape(width, height).T
+    starts, lengths, size = numbers[0::2], numbers[1::2], height * width
+    def run(k: int) -> str: return f"run {k + 1} ('{starts[k]} {lengths[k]}')"
+    short = np.flatnonzero(lengths < 1)
+    if short.size: raise ValueError(f"{run(short[0])} has length {lengths[short[0]]}: a run covers at least one pixel")
+    outside = np.flatnonzero((starts < 1) | (starts > size) | (lengths > size - starts + 1))   # no overflow
+    if outside.size: raise ValueError(f"{run(outside[0])} does not fit a {height}×{width} mask (pixels 1 to {size})")
+    disorder = np.flatnonzero(starts[1:] < starts[:-1] + lengths[:-1])
+    if disorder.size:
+        k = disorder[0]
+        raise ValueError(f"{run(k + 1)} starts before {run(k)} ends: Kaggle refuses overlapping or unsorted runs (sort the runs by "
+                         "start and merge those that overlap)")
+    # +1 where a run starts, -1 after it ends, summed in place: one array, however many runs
+    flat = np.zeros(size + 1, dtype=np.int8)
+    flat[starts - 1] = 1
+    flat[starts - 1 + lengths] -= 1       # each index once: runs are apart (an end may meet the next start: 1 - 1 = 0)
+    np.cumsum(flat, out=flat)
+    return flat[:-1].view(np.uint8).reshape(width, height).T
+
+def _mask_shape(shape) -> tuple[int, int]:
+    "`shape` as (height, width), two positive whole numbers; anything else refused."
+    try: height, width = shape
+    except (TypeError, ValueError): height = width = None
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
+        raise ValueError(f"rle_decode needs the mask's shape as (height, width), two positive whole numbers; got {shape!r}")
+    return int(height), int(width)
 
 # %% ../../nbs/38_pipeline.submission.ipynb #e07a94f3
 def apply_threshold(probs: torch.Tensor,                     # foreground probabilities (N, H, W)
@@ -87,6 +111,26 @@ def apply_threshold(probs: torch.Tensor,                     # foreground probab
     return masks
 
 DEFAULT_THRESHOLDS = tuple(round(0.2 + 0.05 * i, 2) for i in range(13))    # 0.2, 0.25, …, 0.8
+
+def _check_search(probs: torch.Tensor, truths: torch.Tensor, thresholds: Iterable[float], min_areas: Iterable[int]
+                  ) -> tuple[list[float], list[int]]:
+    """Refuse what would make the search choose nonsense without a word: NaN (a diverged model; NaN > t is False, so
+    every mask comes out empty), logits instead of probabilities, truths that do not match, nothing to try."""
+    if tuple(truths.shape) != tuple(probs.shape):
+        raise ValueError(f"probs {tuple(probs.shape)} and truths {tuple(truths.shape)} must have the same shape: a true mask for "
+                         "each probability map, in the same order")
+    n_nan = int(torch.isnan(probs).sum())
+    if n_nan: raise ValueError(f"{n_nan} of the {probs.numel()} out-of-fold probabilities are NaN: a diverged model made them. "
+                               "Retrain (a lower learning rate) before choosing thresholds on them")
+    low, high = (float(v) for v in torch.aminmax(probs.float())) if probs.numel() else (0., 0.)
+    if low < 0 or high > 1:
+        raise ValueError(f"probabilities in [0, 1] are needed; these span [{low:.4g}, {high:.4g}]: logits? Apply torch.sigmoid "
+                         "(one foreground, or labels) or torch.softmax over the classes first")
+    thresholds, min_areas = [float(t) for t in thresholds], [int(a) for a in min_areas]
+    if not thresholds or not all(0 <= t <= 1 for t in thresholds):
+        raise ValueError(f"thresholds must be probabilities in [0, 1], at least one; got {thresholds}")
+    if not min_areas or min(min_areas) < 0: raise ValueError(f"min_areas must be pixel counts ≥ 0, at least one; got {min_areas}")
+    return thresholds, min_areas
 DEFAULT_CLASSIFIER_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))  # 0 (no gating), 0.1, …, 0.9
 
 def search_threshold(probs: torch.Tensor,                   # foreground probabilities (N, H, W), e.g. out-of-fold
@@ -98,7 +142,9 @@ def search_threshold(probs: torch.Tensor,                   # foreground probabi
                      classifier_thresholds: Iterable[float] = DEFAULT_CLASSIFIER_THRESHOLDS   # with `nonempty`: image-level thresholds to try
                      ) -> tuple[float, int, float] | tuple[float, int, float, float]:
     """The (threshold, min_area, score) that maximises the mean of `score(pred_masks, true_masks)` over images; with
-    `nonempty`, (threshold, min_area, classifier_threshold, score), all three chosen together."""
+    `nonempty`, (threshold, min_area, classifier_threshold, score), all three chosen together. NaN or values outside
+    [0, 1] (logits) are refused."""
+    thresholds, min_areas = _check_search(probs, truths, thresholds, min_areas)
     truths = truths > 0
     if nonempty is None: gates = [(0., None)]
     else:
@@ -130,7 +176,7 @@ def search_class_thresholds(probs: torch.Tensor,            # one probability ma
     "Per class, the threshold and minimum area that maximise its mean `score` (`search_threshold` on each); and the mean over classes."
     if probs.ndim != 4 or truths.shape != probs.shape:
         raise ValueError(f"probs and truths must both be (N, C, H, W); got {tuple(probs.shape)} and {tuple(truths.shape)}")
-    thresholds, min_areas = list(thresholds), list(min_areas)
+    thresholds, min_areas = _check_search(probs, truths, thresholds, min_areas)
     found = [search_threshold(probs[:, c], truths[:, c], score, thresholds, min_areas) for c in range(probs.shape[1])]
     return [t for t, _, _ in found], [a for _, a, _ in found], sum(s for _, _, s in found) / len(found)
 
@@ -151,17 +197,34 @@ def write_submission(rows: Iterable[tuple[str, ...]],          # (id, rle) per i
                      path: str | Path = 'submission.csv',
                      header: Sequence[str] = ('id', 'rle_mask')  # the column names, one per value of a row (Severstal: 'ImageId_ClassId', 'EncodedPixels')
                      ) -> Path:
-    "Write rows to `path` atomically: a temporary file in the same folder, renamed when complete; ids (first column) must be unique."
+    """Write rows to `path` atomically: a temporary file in the same folder, renamed when complete, so a refused row leaves
+    `path` as it was. Ids (first column) must be present and unique as written (text); a missing value (None, NaN) is an
+    empty cell, the empty mask."""
     header = tuple(header)
     def write(temporary: Path):
-        seen = set()
+        seen = {}                                    # id as written -> its row's position
         with open(temporary, 'w', newline='') as f:
             writer = csv.writer(f)
             writer.writerow(header)
-            for row in rows:
-                row = tuple(row)
-                if len(row) != len(header): raise ValueError(f"a row of {len(row)} values for the {len(header)} columns {header}: {row[:3]}")
-                if row[0] in seen: raise ValueError(f"the id {row[0]!r} comes twice: each row of a submission needs its own id")
-                seen.add(row[0])
+            for position, row in enumerate(rows):
+                row = _submission_row(row, position, header)
+                if row[0] in seen:
+                    raise ValueError(f"the id {row[0]!r} comes twice, in rows {seen[row[0]]} and {position} (counting from 0; ids are "
+                                     "compared as the text written, so 1 and '1' are one id): each row of a submission needs its own id")
+                seen[row[0]] = position
                 writer.writerow(row)
     return atomic_write(path, write)
+
+def _missing(value) -> bool: return value is None or (np.ndim(value) == 0 and not isinstance(value, str) and bool(pd.isna(value)))
+
+def _submission_row(row, position: int, header: tuple[str, ...]) -> tuple[str, ...]:
+    "A row as the text the file will hold: a tuple, not a string (which csv would spell out letter by letter), with an id."
+    if isinstance(row, (str, bytes)):
+        raise ValueError(f"row {position} is the string {row[:40]!r}, not a tuple of {len(header)} values {header}: "
+                         "yield (id, rle) tuples, e.g. ('img0', '1 3')")
+    row = tuple(row)
+    if len(row) != len(header): raise ValueError(f"a row of {len(row)} values for the {len(header)} columns {header}: {row[:3]}")
+    identifier = '' if _missing(row[0]) else str(row[0])
+    if not identifier.strip():
+        raise ValueError(f"row {position} has no id ({row[0]!r}): every row needs one, e.g. the image's file name without its suffix")
+    return (identifier, *('' if _missing(value) else value for value in row[1:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -132,16 +133,33 @@ def _gate_classes(probs: torch.Tensor, truths: torch.Tensor, values, areas, none
     best = max(scores, key=lambda c: (scores[c], -c))
     return best, scores[best]
 
+def _refuse_diverged(probs: torch.Tensor, folds: Sequence[int] | None) -> None:
+    "The last line of defence: NaN > t is False, so a diverged fold would choose thresholds on empty masks without a word."
+    nan_images = torch.isnan(probs.flatten(1)).any(1)
+    if not bool(nan_images.any()): return
+    where = f"{int(nan_images.sum())} of {len(probs)} images"
+    if folds is not None:
+        if len(folds) != len(probs): raise ValueError(f"folds names {len(folds)} images' folds for {len(probs)} images: one per image")
+        where += f", fold(s) {sorted({int(fold) for fold, bad in zip(folds, nan_images.tolist()) if bad})}"
+    raise ValueError(f"{int(torch.isnan(probs).sum())} of the {probs.numel()} out-of-fold probabilities are NaN ({where}): the run "
+                     "diverged. Retrain with a lower --lr (and --restart) before thresholds can be chosen")
+
 def choose_thresholds(task: Task,                            # the run's task
                       probs: torch.Tensor,                   # out-of-fold probabilities (N, n_out, H, W)
                       truths: torch.Tensor,                  # true masks (N, masks, H, W): one per `task.mask_names`
                       nonempty: torch.Tensor | None = None,  # the empty-mask classifier's out-of-fold probabilities (N,), if it has one
-                      run_id: str | None = None              # recorded with them
+                      run_id: str | None = None,             # recorded with them
+                      folds: Sequence[int] | None = None     # each image's fold (`make_folds`' 'fold'), to name the folds that diverged
                       ) -> tuple[Thresholds, float]:
-    "The thresholds, minimum areas (and classifier threshold) that score best on out-of-fold predictions; and that score."
+    """The thresholds, minimum areas (and classifier threshold) that score best on out-of-fold predictions; and that score.
+    NaN predictions (a diverged fold) are refused, naming the folds, and so are logits and truths of another shape."""
     if task.kind == 'image': raise ValueError("an image-to-image task has no masks to threshold")
+    if probs.ndim != 4 or truths.ndim != 4 or truths.shape[0] != probs.shape[0] or truths.shape[2:] != probs.shape[2:]:
+        raise ValueError(f"out-of-fold probabilities (N, n_out, H, W) and truths (N, masks, H, W) of the same images are needed; "
+                         f"got {tuple(probs.shape)} and {tuple(truths.shape)}")
     if truths.shape[1] != len(task.mask_names):
         raise ValueError(f"truths hold {truths.shape[1]} mask(s) per image; the {task.kind} task has {len(task.mask_names)}")
+    _refuse_diverged(probs, folds)
     nonempty = None if nonempty is None else torch.as_tensor(nonempty, dtype=torch.float32)
     if task.kind == 'binary':
         found = search_threshold(probs[:, 0], truths[:, 0], tgs_scores, min_areas=MIN_AREAS, nonempty=nonempty)

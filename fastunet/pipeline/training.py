@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 import fastai.callback.schedule  # noqa: F401  (fastai's own: adds fit_one_cycle and fine_tune to Learner)
-from fastai.callback.tracker import TrackerCallback
 from fastai.data.block import DataBlock
 from fastai.data.transforms import IndexSplitter, Normalize
-from fastai.torch_core import set_seed
+from fastai.torch_core import num_distrib, set_seed
 
 import fastunet
 from ..encoders.registry import arch_name
@@ -35,30 +34,20 @@ from ..learner.ema import check_ema_decay
 from ..learner.multilabel import UnpackLabels
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
-from .records import (NOT_STARTED, RUN_FILE, clear_run, cv_table, finite_state, fold_paths, fold_problem,
-                                       open_run, read_run, save_fold_record)
+from .records import (NOT_STARTED, RUN_FILE, clear_run, cv_table, fold_paths, fold_problem, open_run, read_run,
+                                       save_fold_record)
+from .fold_weights import fold_identity, read_fold_weights, save_fold_weights
+from .lock import fold_lock, wait_for_fold_lock
+from .best_epoch import KeepBestEpoch, check_predictions, check_trained, epoch_history
 from .task import Task
 from .tta import activation_name
 
 # %% auto #0
-__all__ = ['KeepBestEpoch', 'normalize_stats', 'definition_value', 'check_whole', 'check_learning_rate', 'fold_seed',
-           'load_init_weights', 'train_folds']
+__all__ = ['normalize_stats', 'definition_value', 'check_whole', 'check_learning_rate', 'fold_seed', 'load_init_weights',
+           'train_folds', 'KeepBestEpoch']
 
 # %% ../../nbs/35_pipeline.training.ipynb #34ae986b
-class KeepBestEpoch(TrackerCallback):
-    "Keep the best epoch's weights by `monitor` and restore them after `fit`."
-    order = TrackerCallback.order + 1
-    def before_fit(self):
-        super().before_fit()
-        self.best_epoch, self.best_state = None, None
-    def after_epoch(self):
-        super().after_epoch()
-        if self.new_best:
-            self.best_epoch = self.epoch
-            model = unwrap_model(self.learn.model)        # under DDP the learner's model is the wrapper
-            self.best_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
-    def after_fit(self):
-        if self.best_state is not None: unwrap_model(self.learn.model).load_state_dict(self.best_state)
+_all_ = ['KeepBestEpoch']       # fastunet 0.1.0 exported it from here
 
 # %% ../../nbs/35_pipeline.training.ipynb #2851c47d
 def _save_array(path: Path, array: np.ndarray) -> None:
@@ -132,15 +121,6 @@ def _seeded(seed: int | None):
     try: yield
     finally: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
-def _check_trained(fold: int, model, *, keep_best, history: list[dict], monitor: str, lr) -> None:
-    "Refuse to keep a fold that diverged: no epoch with a finite score, or weights that hold NaN."
-    if keep_best.best_epoch is None:
-        raise ValueError(f"fold {fold} diverged: {monitor} was {[epoch.get(monitor) for epoch in history]} by epoch, never a number, "
-                         f"so there is no model to keep. Lower the learning rate (lr={lr}) and rerun; the finished folds are kept.")
-    if not finite_state(unwrap_model(model).state_dict()):
-        raise ValueError(f"fold {fold}'s best weights (epoch {keep_best.best_epoch}) hold NaN or infinite values: lower the "
-                         f"learning rate (lr={lr}) and rerun; the finished folds are kept.")
-
 def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
     "Another process may have replaced the run (another --restart, other arguments) while this fold trained."
     current = read_run(out_dir)
@@ -150,7 +130,7 @@ def _check_still_the_run(out_dir: Path, run: dict, fold: int) -> None:
 
 def load_init_weights(model, path: Path) -> None:
     "Start from an earlier run's fold weights; the extra heads (deep supervision, classifier) may be there in one run only."
-    try: missing, unexpected = model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=False)
+    try: missing, unexpected = model.load_state_dict(read_fold_weights(path)[0], strict=False)   # any run's, identified or not
     except RuntimeError as e: raise ValueError(f"init_dir weights '{path}' do not fit this model: {str(e)[:300]}") from e   # shapes differ
     heads = ('auxiliary.', 'classifier.')
     wrong = [k for k in missing + unexpected if not k.startswith(heads)]
@@ -162,11 +142,6 @@ def _nonempty_probabilities(model, dl) -> list[float]:
     with torch.no_grad():
         for batch in dl: probabilities.append(torch.sigmoid(model.nonempty_logits(batch[0].as_subclass(torch.Tensor)).float()).cpu())
     return [round(p, 6) for p in torch.cat(probabilities).tolist()]
-
-def _history(recorder) -> list[dict]:
-    "Each epoch's losses and metrics, as the recorder holds them."
-    names = [n for n in recorder.metric_names[1:] if n != 'time']
-    return [dict(zip(names, map(float, values))) for values in recorder.values]
 
 def _mask_codes(dblock: DataBlock, learner_kwargs: dict | None, task: Task | None) -> int | None:
     "How many values the masks may hold, for the data check: the task's, else the model's classes (None: the block's codes)."
@@ -183,6 +158,50 @@ def _check_task_fits(learn, task: Task | None) -> None:
     if (task.n_out, task.activation) != (model.n_out, activation):
         raise ValueError(f"the {task.kind} task needs {task.n_out} output(s) and a {task.activation}; the learner built {model.n_out} "
                          f"and a {activation}: leave n_out and loss_func to the task, or give a task that fits them")
+
+def _train_fold(dblock: DataBlock, df: pd.DataFrame, fold: int, valid_idx: np.ndarray, *, arch, out_dir: Path, run, n_folds: int, epochs, lr,
+                monitor: str, fine_tune: bool, init_dir, bs: int, seed, dls_kwargs, learner_kwargs, cbs, task: Task | None) -> None:
+    "Train fold `fold` (its rows `valid_idx` validate) and write its out-of-fold predictions, weights with their identity and record."
+    this_seed = None if seed is None else fold_seed(seed, fold)
+    fold_block = copy.copy(dblock)                  # the caller's block keeps its own splitter
+    fold_block.splitter = IndexSplitter(valid_idx)
+    loader_kwargs = dict(dict(seed=this_seed), **(dls_kwargs or {}))
+    with _seeded(this_seed):
+        # through the class: a DataBlock keeps `dataloaders` as a method bound to itself, which the copy shares
+        dls = type(dblock).dataloaders(fold_block, df, bs=bs, **loader_kwargs)
+        learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
+        _check_task_fits(learn, task)                   # before any epoch
+        if init_dir is not None:
+            load_init_weights(learn.model, fold_paths(init_dir, fold)['weights'])
+        keep_best = KeepBestEpoch(monitor=monitor)
+        start = time.time()
+        with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
+            if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
+            else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
+            history = epoch_history(learn.recorder)     # before get_preds, which the recorder also logs
+            broadcast_state(learn.model)            # every rank holds rank 0's best epoch
+            check_trained(fold, learn.model, keep_best=keep_best, history=history, monitor=monitor, lr=lr)     # on every rank: all stop together
+            probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
+            check_predictions(fold, probs, best_epoch=keep_best.best_epoch, lr=lr)     # finite weights can still predict NaN
+        classifier = unwrap_model(learn.model).classifier is not None
+    if not is_main_process():                   # rank 0 writes the fold; the others wait for it
+        barrier()
+        return
+    nonempty = _nonempty_probabilities(learn.model, dls.valid) if classifier else None   # for the classifier's threshold
+    _check_still_the_run(out_dir, run, fold)
+    model = learn.model
+    record = dict(
+        fold=fold, n_folds=n_folds, run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,
+        n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=normalize_stats(dls),
+        activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
+        best_epoch=keep_best.best_epoch, epochs=definition_value(epochs), lr=definition_value(lr), fine_tune=fine_tune, seed=definition_value(seed),
+        valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'),
+        task=None if task is None else task.as_dict(),
+        history=history, seconds=round(time.time() - start, 1), versions=_versions())
+    atomic_write(fold_paths(out_dir, fold)['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))
+    save_fold_weights(fold_paths(out_dir, fold)['weights'], model.state_dict(), fold_identity(record))   # whose weights they are
+    save_fold_record(out_dir, record)               # last: it marks the fold done
+    barrier()
 
 def train_folds(dblock: DataBlock,                      # how to read items and targets, and the transforms
                 df: pd.DataFrame,                       # the items, with a 'fold' column (see `make_folds`)
@@ -223,53 +242,28 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         out_dir.mkdir(parents=True, exist_ok=True)
         own = [RUN_FILE, *(path.name for fold in all_folds for path in fold_paths(out_dir, fold).values())]
         remove_stale_temporaries(out_dir, own)          # what killed runs left of the run's files
-        if restart: clear_run(out_dir)
+        if restart: clear_run(out_dir, all_folds)         # the run's own files, by their exact names
     barrier()
     run = open_run(out_dir, definition, all_folds, write=is_main_process(), fixes=fixes, task=None if task is None else task.as_dict())
     barrier()
-    for fold in to_train:
+    locking = num_distrib() <= 1       # the ranks of one DDP job share every fold; separate processes each take a fold's lock
+    queue, busy = list(to_train), set()
+    while queue:
+        fold = queue.pop(0)
+        if fold in busy: wait_for_fold_lock(out_dir, fold)     # the folds left are another process's: wait for them
         valid_idx = np.flatnonzero(df.fold.values == fold)
-        problem = fold_problem(out_dir, fold, run, valid_idx)
-        if problem is None: continue                    # done and sound: an earlier run finished it
-        if problem != NOT_STARTED and is_main_process(): print(f'fold {fold} is trained again: {problem}')
-        this_seed = None if seed is None else fold_seed(seed, fold)
-        fold_block = copy.copy(dblock)                  # the caller's block keeps its own splitter
-        fold_block.splitter = IndexSplitter(valid_idx)
-        loader_kwargs = dict(dict(seed=this_seed), **(dls_kwargs or {}))
-        with _seeded(this_seed):
-            # through the class: a DataBlock keeps `dataloaders` as a method bound to itself, which the copy shares
-            dls = type(dblock).dataloaders(fold_block, df, bs=bs, **loader_kwargs)
-            learn = more_dynamic_unet_learner(dls, arch, **(learner_kwargs or {}))
-            _check_task_fits(learn, task)                   # before any epoch
-            if init_dir is not None:
-                load_init_weights(learn.model, fold_paths(init_dir, fold)['weights'])
-            keep_best = KeepBestEpoch(monitor=monitor)
-            start = time.time()
-            with data_parallel(learn):                  # DDP when launched by torchrun / accelerate launch
-                if fine_tune: learn.fine_tune(epochs, base_lr=lr, cbs=[keep_best, *(cbs or [])])
-                else: learn.fit_one_cycle(epochs, lr, cbs=[keep_best, *(cbs or [])])
-                history = _history(learn.recorder)      # before get_preds, which the recorder also logs
-                broadcast_state(learn.model)            # every rank holds rank 0's best epoch
-                _check_trained(fold, learn.model, keep_best=keep_best, history=history, monitor=monitor, lr=lr)     # on every rank: all stop together
-                probs, _ = learn.get_preds(dl=dls.valid)   # each rank predicts its share; fastai gathers them
-            classifier = unwrap_model(learn.model).classifier is not None
-        if not is_main_process():                   # rank 0 writes the fold; the others wait for it
-            barrier()
-            continue
-        nonempty = _nonempty_probabilities(learn.model, dls.valid) if classifier else None   # for the classifier's threshold
-        _check_still_the_run(out_dir, run, fold)
-        atomic_write(fold_paths(out_dir, fold)['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))
-        # contiguous: the same file whatever memory format the model trained in (safetensors takes it, too)
-        weights = {k: v.contiguous() for k, v in learn.model.state_dict().items()}
-        atomic_write(fold_paths(out_dir, fold)['weights'], lambda p: torch.save(weights, p))
-        model = learn.model
-        save_fold_record(out_dir, dict(
-            fold=fold, n_folds=len(all_folds), run_id=run['run_id'], arch=arch_name(arch), encoder_kwargs=model.encoder_kwargs,
-            n_in=model.n_in, n_out=model.n_out, config=model.config.as_dict(), normalize=normalize_stats(dls),
-            activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
-            best_epoch=keep_best.best_epoch, epochs=definition_value(epochs), lr=definition_value(lr), fine_tune=fine_tune, seed=definition_value(seed),
-            valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'),
-            task=None if task is None else task.as_dict(),
-            history=history, seconds=round(time.time() - start, 1), versions=_versions()))
-        barrier()
+        if fold_problem(out_dir, fold, run, valid_idx) is None: continue     # done and sound: an earlier run finished it
+        with fold_lock(out_dir, fold, enabled=locking) as lock:
+            if not lock.taken:                  # another live process trains it: take the next fold, come back to this one
+                print(f"fold {fold} is being trained by process {lock.holder.get('pid', '?')} on {lock.holder.get('host', '?')}: "
+                      f"this process moves on to the next fold")
+                busy.add(fold)
+                queue.append(fold)
+                continue
+            problem = fold_problem(out_dir, fold, run, valid_idx)       # again, now that the fold is ours: another process may have just finished it
+            if problem is None: continue
+            if problem != NOT_STARTED and is_main_process(): print(f'fold {fold} is trained again: {problem}')
+            _train_fold(dblock, df, fold, valid_idx, arch=arch, out_dir=out_dir, run=run, n_folds=len(all_folds), epochs=epochs, lr=lr,
+                        monitor=monitor, fine_tune=fine_tune, init_dir=init_dir, bs=bs, seed=seed, dls_kwargs=dls_kwargs,
+                        learner_kwargs=learner_kwargs, cbs=cbs, task=task)
     return cv_table(out_dir)

@@ -18,9 +18,10 @@ from ..learner.distributed import is_main_process
 from .data_folder import CLI_FIXES, folder_channels, list_images, mask_labels, segmentation_block, true_masks
 from .data_folder import IMAGE_SUFFIXES  # noqa: F401  (fastunet 0.1.0's import path, with list_images and the two below)
 from .prediction import LABELS_IN_MEMORY, run_prediction  # noqa: F401
-from .files import atomic_write, remove_stale_temporaries
+from ..encoders.registry import create_encoder
+from .files import DEMO_MARK, atomic_write, check_ours_to_write, remove_stale_temporaries
 from .options import TrainOptions
-from .records import out_of_fold, out_of_fold_nonempty, read_run
+from .records import RUN_FILE, out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
 from .task import Task
 from .thresholds import THRESHOLDS_FILE, choose_thresholds, write_thresholds
@@ -39,7 +40,7 @@ def _choose(out: Path, df: pd.DataFrame, task: Task, options: TrainOptions) -> d
     "Thresholds chosen on every fold's out-of-fold predictions, written beside the models; the report's part of them."
     models = out / 'models'
     probs = torch.from_numpy(out_of_fold(models, len(df)).astype(np.float32))
-    truths = true_masks(task, df['item'], options.mask_folder, options.binary_masks)
+    truths = true_masks(task, df['item'], options.mask_folder, options.binary_masks, mask_suffix=options.mask_suffix)
     nonempty = out_of_fold_nonempty(models, len(df))
     chosen, score = choose_thresholds(task, probs, truths, None if nonempty is None else torch.from_numpy(nonempty),
                                       run_id=read_run(models)['run_id'])
@@ -58,11 +59,15 @@ def run_training(data: str | Path,                         # folder with images/
     "Checks, folds (stratified by mask coverage), k-fold training, threshold search on the out-of-fold predictions; a report."
     options = TrainOptions.of(options, **option_fields)
     data, out = Path(data).resolve(), Path(out)          # resolved: a resume from another working directory is the same run
+    # before anything is read or written: --out is new, empty or a run's (a user's folds.csv stays theirs), and the encoder
+    # builds once (a misspelt name, options it does not take, a weights file that does not fit, no network for --pretrained)
+    check_ours_to_write(out, marks=[f'models/{RUN_FILE}', 'models/fold_*.json', DEMO_MARK])
+    create_encoder(options.arch, pretrained=options.pretrained, weights=options.weights, **(options.encoder_kwargs or {}))
     images = list_images(data / 'images')
     if len(images) < options.n_folds: raise FileNotFoundError(f"'{data / 'images'}' holds {len(images)} image(s), too few for {options.n_folds} folds")
     task = folder_task(data, options)
     dblock = segmentation_block(folder_channels(images), mask_folder=options.mask_folder, binary_masks=options.binary_masks,
-                                crop=options.crop, resize=options.resize, task=task)
+                                crop=options.crop, resize=options.resize, task=task, mask_suffix=options.mask_suffix)
     items = pd.DataFrame({'item': [str(p) for p in images]})
     # every image and mask, before any epoch (multi-label masks travel packed: a code per combination of labels)
     summary = check_datablock(dblock, items, n_classes=task.mask_codes, fixes=CLI_FIXES)
@@ -75,11 +80,13 @@ def run_training(data: str | Path,                         # folder with images/
     learner_kwargs = dict(n_out=task.n_out, pretrained=options.pretrained, config=options.config, encoder_kwargs=options.encoder_kwargs or {},
                           loss_func=task.loss(), metrics=task.metrics(),
                           # only when asked for: the definition of a run made before these options stays the same (it resumes)
-                          **({'deep_supervision': True} if options.deep_supervision else {}), **({'classifier': True} if options.classifier else {}))
+                          **({'deep_supervision': True} if options.deep_supervision else {}), **({'classifier': True} if options.classifier else {}),
+                          **({'weights': str(Path(options.weights).resolve())} if options.weights is not None else {}))
     classes = len(task.labels) if task.kind == 'multilabel' else task.n_out if task.kind == 'classes' else 2
     run_args = dict(data=str(data), mask_folder=options.mask_folder, binary_masks=options.binary_masks, classes=classes, crop=options.crop,
                     resize=options.resize, resize_method=None if options.resize is None else ResizeMethod.Squish,
-                    **({'labels': list(task.labels)} if task.kind == 'multilabel' else {}))
+                    **({'labels': list(task.labels)} if task.kind == 'multilabel' else {}),
+                    **({'mask_suffix': options.mask_suffix} if options.mask_suffix is not None else {}))
     cv = train_folds(dblock, df, options.arch, out / 'models', epochs=options.epochs, lr=options.lr, bs=options.bs, seed=options.seed,
                      monitor=task.monitor, folds=None if options.fold is None else [options.fold], dls_kwargs=dict(num_workers=0),
                      learner_kwargs=learner_kwargs, check_data=False, restart=options.restart, run_args=run_args, fixes=CLI_FIXES,
