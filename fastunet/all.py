@@ -36,7 +36,10 @@ from .pipeline.splits import *
 from .pipeline.inference import *
 from .pipeline.tta import *
 from .pipeline.state import *
+from .pipeline.fold_weights import *
 from .pipeline.records import *
+from .pipeline.lock import *
+from .pipeline.best_epoch import *
 from .pipeline.task import *
 from .pipeline.training import *
 from .pipeline.tiling import *
@@ -47,11 +50,12 @@ from .pipeline.options import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
 from .unet import layers, config, plan, blocks, heads, memory_format, model
 from .learner import losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, unet_learner, distributed, image_source, tiles
-from .pipeline import files, splits, inference, tta, state, records, task, training, tiling, ensemble, submission, thresholds, options
+from .pipeline import files, splits, inference, tta, state, fold_weights, records, lock, best_epoch, task, training, tiling, ensemble, submission, thresholds, options
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
 __all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, heads, memory_format,
                               model, losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, unet_learner, distributed, image_source,
                               tiles,
-                              files, splits, inference, tta, state, records, task, training, tiling, ensemble, submission, thresholds, options)
+                              files, splits, inference, tta, state, fold_weights, records, lock, best_epoch, task, training, tiling, ensemble, submission,
+                              thresholds, options)
            for name in module.__all__]

@@ -43,7 +43,7 @@ def _choose(out: Path, df: pd.DataFrame, task: Task, options: TrainOptions) -> d
     truths = true_masks(task, df['item'], options.mask_folder, options.binary_masks, mask_suffix=options.mask_suffix)
     nonempty = out_of_fold_nonempty(models, len(df))
     chosen, score = choose_thresholds(task, probs, truths, None if nonempty is None else torch.from_numpy(nonempty),
-                                      run_id=read_run(models)['run_id'])
+                                      run_id=read_run(models)['run_id'], folds=df['fold'].tolist())
     write_thresholds(models, chosen, task)
     if task.kind == 'binary': found = dict(threshold=chosen.threshold, min_area=chosen.min_area)
     else: found = dict(thresholds=list(chosen.values), min_areas=list(chosen.min_areas))
