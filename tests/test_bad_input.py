@@ -1017,3 +1017,11 @@ def test_two_processes_into_one_out_never_train_the_same_fold(trained_run, tmp_p
     fits = [log.count('train_loss') for log in logs]                         # fastai prints a table header per fold trained
     assert sum(fits) == 2, (fits, [log[-3000:] for log in logs])             # each fold trained exactly once, by one of them
     assert not list((out / 'models').glob('*.lock')) and len(FoldEnsemble.from_dir(out / 'models', device='cpu').models) == 2
+
+
+def test_prediction_says_when_images_are_read_with_other_channels_than_the_model_takes(trained_run, tmp_path, capsys):
+    "Case 5 at prediction: an RGB image given to a grey model is converted, and said so, not silently."
+    _, run, test_images = trained_run
+    Image.open(test_images[0]).convert('RGB').save(tmp_path / 'colour.png')
+    run_prediction(run / 'models', [test_images[1], tmp_path / 'colour.png'], tmp_path / 's.csv')
+    assert "1 RGB image(s) (e.g. 'colour.png') are read as grey, which drops what they hold beyond it" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from fastprogress.fastprogress import progress_bar
 from PIL import Image
 
 from ..learner.image_source import TIFF_SUFFIXES, open_image
-from .data_folder import IMAGE_SUFFIXES, refuse_shared_names
+from .data_folder import IMAGE_SUFFIXES, channel_conversions, refuse_shared_names
 from .files import check_ours_to_write
 from .ensemble import FoldEnsemble
 from .options import PredictOptions
@@ -147,6 +147,7 @@ def run_prediction(models: str | Path,                       # folder of fold re
     resize = (run or {}).get('definition', {}).get('resize')
     header = submission_header(ensemble)
     check_ours_to_write(out_csv, header=header, inputs=images)     # a new file, or a submission this command wrote: never an input
+    if (converted := channel_conversions(images, ensemble.n_in)): print(converted)   # e.g. RGB images to a grey model: said, not silent
     def image_id(item) -> str: return Path(item).name if options.id_with_suffix else Path(item).stem
     if options.tile is not None:
         _refuse_what_tiles_cannot_do(ensemble, options, thresholds, resize)
