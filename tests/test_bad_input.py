@@ -659,7 +659,7 @@ def test_the_demo_never_replaces_a_project(trained_run, tmp_path, capsys):
     (project / 'submission.csv').write_text('id,rle_mask\n0000,1 2\n')
     before = snapshot(project)
     code, err = run_cli(['demo', '--dest', str(project), '--n-images', '8', '--folds', '2', '--epochs', '1', '--size', '32'], capsys)
-    assert code == 1 and f"--dest '{project}' holds files that fastunet did not write" in err and 'Choose another --dest' in err, err
+    assert code == 1 and f"--dest '{project}' holds files that fastunet demo did not write" in err and 'Choose another --dest' in err, err
     assert snapshot(project) == before
     (project / DEMO_MARK).write_text('{}')                # a demo's own folder: the next demo may replace it
     check_ours_to_write(project, marks=[DEMO_MARK], flag='--dest')
@@ -674,6 +674,10 @@ def test_a_demo_reruns_into_its_own_folder(tmp_path, capsys):
                              '--size', '32', '--bs', '4'], capsys)
         assert code == 0, err
     assert (tmp_path / 'demo' / DEMO_MARK).exists() and (tmp_path / 'demo' / 'submission.csv').exists()
+    (tmp_path / 'demo' / DEMO_MARK).unlink()             # a demo of fastunet before the mark: known by its run's data folder
+    code, err = run_cli(['demo', '--dest', str(tmp_path / 'demo'), '--n-images', '8', '--n-test', '2', '--folds', '2', '--epochs', '1',
+                         '--size', '32', '--bs', '4'], capsys)
+    assert code == 0, err
 
 
 def test_predict_never_writes_over_an_input_or_a_file_it_did_not_write(trained_run, tmp_path, capsys):
@@ -845,7 +849,7 @@ def test_a_bool_npy_image_is_refused_and_npy_images_without_tile_are_named(train
     folder.mkdir()
     np.save(folder / 'mask_like.npy', np.random.default_rng(0).random((32, 32)) > 0.5)
     code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path / 's.csv')], capsys)
-    assert code == 1 and "1 .npy image(s) in" in err and 'are read only with --tile' in err and 'pass --tile T' in err, err
+    assert code == 1 and "1 .npy image(s) in" in err and 'are read only with --tile: to predict them, pass --tile T' in err, err
     code, err = run_cli(['predict', str(run / 'models'), str(folder), '--out', str(tmp_path / 's.csv'), '--tile', '32'], capsys)
     assert code == 1 and "mask_like.npy' holds bool values" in err and 'astype(np.uint8) * 255' in err, err
     assert not (tmp_path / 's.csv').exists()
@@ -1025,3 +1029,45 @@ def test_prediction_says_when_images_are_read_with_other_channels_than_the_model
     Image.open(test_images[0]).convert('RGB').save(tmp_path / 'colour.png')
     run_prediction(run / 'models', [test_images[1], tmp_path / 'colour.png'], tmp_path / 's.csv')
     assert "1 RGB image(s) (e.g. 'colour.png') are read as grey, which drops what they hold beyond it" in capsys.readouterr().out
+
+
+def test_a_lock_left_by_an_earlier_process_with_our_pid_is_taken_over(tmp_path, capsys):
+    "A restarted container's process often has the pid of the one that died holding the lock: it must not wait for itself."
+    from fastunet.pipeline.files import this_writer
+    from fastunet.pipeline.lock import fold_lock_path, release_fold_lock, take_fold_lock
+    fold_lock_path(tmp_path, 0).write_text(json.dumps({**this_writer(), 'token': 'an earlier process'}))
+    lock = take_fold_lock(tmp_path, 0)
+    assert lock.taken and 'which has ended: this process takes the fold over' in capsys.readouterr().out
+    assert not take_fold_lock(tmp_path, 0).taken                       # this process's own lock is held, not taken twice
+    release_fold_lock(lock)
+    assert not fold_lock_path(tmp_path, 0).exists()
+
+
+def test_nan_predictions_are_refused_not_written_as_empty_masks(trained_run, tmp_path):
+    "NaN > threshold is False: a fold that predicts NaN would write empty masks into the submission without a word."
+    _, run, test_images = trained_run
+    ensemble = FoldEnsemble.from_dir(run / 'models', device='cpu')
+    with torch.no_grad():
+        for parameter in ensemble.models[0].parameters(): parameter.fill_(float('nan'))
+    with pytest.raises(ValueError, match=r'the predictions for 3 of the 3 images of a batch hold NaN: a fold whose weights diverged'):
+        ensemble.predict(test_images, progress=False)
+
+
+def test_predict_rewrites_its_own_earlier_submission_under_another_header(trained_run, tmp_path):
+    "An earlier submission (the same id column) is this command's to replace, whatever its other columns were called."
+    _, run, test_images = trained_run
+    out = run_prediction(run / 'models', test_images, tmp_path / 's.csv')
+    run_prediction(run / 'models', test_images, out, header=('id', 'EncodedPixels'))
+    assert out.read_text().splitlines()[0] == 'id,EncodedPixels'
+
+
+def test_a_users_file_named_like_a_fold_record_does_not_make_a_folder_a_run(data_factory, tmp_path, capsys):
+    "models/fold_01.json is not a name fastunet writes: beside the user's folds.csv it must not open the folder to a run."
+    data = data_factory(1, 2, size=(32, 32), n_images=8)
+    out = tmp_path / 'mine'
+    (out / 'models').mkdir(parents=True)
+    (out / 'models' / 'fold_01.json').write_text('{}')
+    (out / 'folds.csv').write_text('mine\n')
+    code, err = run_cli(['train', str(data), '--out', str(out), '--arch', 'resnet10t', '--folds', '2', '--epochs', '1', '--restart'], capsys)
+    assert code == 1 and 'holds files that fastunet did not write' in err, err
+    assert (out / 'folds.csv').read_text() == 'mine\n'

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -80,12 +81,19 @@ def check_encoder_options(arch: str | Callable | nn.Module, options: dict) -> No
     source = encoder_source(arch)
     if source not in ('scratch', 'timm'):
         raise ValueError(f"encoder options {sorted(options)} are taken by 'unet' and timm encoders only, not by {getattr(arch, '__name__', arch)!r}")
-    if source == 'scratch': taken = _taken_options(inspect.signature(SCRATCH_ENCODERS[arch].__init__).parameters)
-    else: taken = _timm_options(arch.rpartition(':')[2])
-    also = set(inspect.signature(timm.create_model).parameters) if source == 'timm' else set()   # cache_dir, scriptable, …
-    unknown = sorted(set(options) - set(taken or options) - also)
+    if source == 'timm': return    # timm's builders take options their model class does not show: timm says which it refuses
+    taken = _taken_options(inspect.signature(SCRATCH_ENCODERS[arch].__init__).parameters)
+    unknown = sorted(set(options) - set(taken or options))
     if unknown:
         raise ValueError(f"the encoder '{arch}' takes no option {', '.join(map(repr, unknown))}; the options it takes: {', '.join(taken)}")
+
+def _timm_option_refused(name: str, error: TypeError, options: dict) -> ValueError | None:
+    "timm's 'unexpected keyword argument' for one of the user's `options`, as a message naming it and the options the model's class takes."
+    refused = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if refused is None or refused[1] not in options: return None
+    taken = _timm_options(name)
+    return ValueError(f"the encoder '{name}' takes no option '{refused[1]}'; the options it takes: "
+                      f"{', '.join(taken) if taken else 'see its model class in timm'} (and those of timm.create_model)")
 
 def create_encoder(arch: str | Callable | nn.Module,     # 'unet', a timm or pretrainedmodels name, or a torchvision/fastai callable
                    n_in: int = 3,                          # input channels
@@ -100,7 +108,12 @@ def create_encoder(arch: str | Callable | nn.Module,     # 'unet', a timm or pre
             raise ValueError(f"'{arch}' is built from scratch and has no pretrained weights: pass pretrained=False and no weights=")
         return SCRATCH_ENCODERS[arch](n_in, **kwargs)
     if source == 'torchvision': return torchvision_encoder(arch, n_in, pretrained, weights)
-    if source == 'timm': return TimmEncoder(arch.rpartition(':')[2], n_in, pretrained, weights, **kwargs)
+    if source == 'timm':
+        name = arch.rpartition(':')[2]
+        try: return TimmEncoder(name, n_in, pretrained, weights, **kwargs)
+        except TypeError as e:
+            if (refused := _timm_option_refused(name, e, kwargs)) is not None: raise refused from e
+            raise
     return pretrainedmodels_encoder(arch.rpartition(':')[2], n_in, pretrained, weights)
 
 # %% ../../nbs/05_encoders.registry.ipynb #18c7da78

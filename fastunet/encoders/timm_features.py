@@ -50,6 +50,7 @@ class TimmEncoder(Encoder):
             if not _is_hook_free(self.model):   # a few families default to hooks; their getter needs none
                 self.model = _create_timm_features(name, feature_cls='getter', **kwargs)
         except Exception as e:
+            if isinstance(e, TypeError) and 'unexpected keyword argument' in str(e): raise   # an option it does not take: named by create_encoder
             if weights is not None:
                 raise ValueError(f"could not load weights '{weights}' into timm model '{name}': {e}. The file must hold "
                                  f"a state dict of the full '{name}' classification model (safetensors or a torch state dict).") from e

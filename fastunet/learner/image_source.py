@@ -16,7 +16,7 @@ import numpy as np
 from .data import image_array, image_channels
 
 # %% auto #0
-__all__ = ['TIFF_SUFFIXES', 'reflect_indices', 'tile_starts', 'ImageSource', 'ArraySource', 'TiffSegmentSource',
+__all__ = ['TIFF_SUFFIXES', 'reflect_indices', 'tile_starts', 'ImageSource', 'ArraySource', 'TiffSegmentSource', 'open_npy',
            'stored_channels', 'open_image']
 
 # %% ../../nbs/28_learner.image_source.ipynb #6859d5cd
@@ -139,9 +139,13 @@ class TiffSegmentSource(ImageSource):
 # %% ../../nbs/28_learner.image_source.ipynb #1fedce76
 TIFF_SUFFIXES = ('.tif', '.tiff')
 
-def _open_npy(path: Path) -> ArraySource:
+def open_npy(path: Path,           # a .npy file, memory-mapped: it may be larger than memory
+             mask: bool = False    # a mask: booleans are its 0/1 codes (as an image they would be almost black, so refused)
+             ) -> ArraySource:
+    "A .npy image (uint8) or mask (uint8 codes, or booleans) read by windows."
     try: array = np.load(path, mmap_mode='r')
     except ValueError as e: raise ValueError(f"'{path}' cannot be read as a .npy array ({e})") from e
+    if mask and array.dtype == bool: return ArraySource(array.view(np.uint8), f"'{path}'")
     if array.dtype == bool:         # read as 0/1 of 255 it would be an almost black image, predicted without a word
         raise ValueError(f"'{path}' holds bool values: as an image they would be 0 and 1 of 255, almost black. Save images as "
                          "uint8 0..255 (a bool array as np.save(path, array.astype(np.uint8) * 255)); masks go in the mask folder")
@@ -193,7 +197,7 @@ def open_image(item: str | Path | np.ndarray | ImageSource,   # a file (TIFF and
     elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',):
         path = Path(item)
         if not path.is_file(): raise FileNotFoundError(f"'{path}' does not exist")
-        source = _open_npy(path) if path.suffix.lower() == '.npy' else _open_tiff(path)
+        source = open_npy(path) if path.suffix.lower() == '.npy' else _open_tiff(path)
     else:                                       # PNG, JPEG, … or a PIL image: decoded whole, converted to the model's channels
         channels = n_channels or (stored_channels(item) if isinstance(item, (str, Path)) else len(item.getbands()))
         source = ArraySource(image_array(item, channels), f"'{item}'" if isinstance(item, (str, Path)) else 'the image')

@@ -20,7 +20,7 @@ from fastai.vision.augment import Flip
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .image_source import TIFF_SUFFIXES, ArraySource, ImageSource, open_image, stored_channels, tile_starts
+from .image_source import TIFF_SUFFIXES, ArraySource, ImageSource, open_image, open_npy, stored_channels, tile_starts
 
 # %% auto #0
 __all__ = ['open_mask', 'TileDataset', 'RandomTiles', 'FixedTiles', 'tile_dataloaders']
@@ -33,7 +33,8 @@ def open_mask(item: str | Path | np.ndarray | ImageSource) -> ImageSource:
             raise ValueError(f"a mask array holds class codes 0..255 (or booleans); got {item.dtype} with values from "
                              f"{item.min(initial=0)} to {item.max(initial=0)}")
         item = item.astype(np.uint8)
-    if isinstance(item, (ImageSource, np.ndarray)) or Path(item).suffix.lower() in TIFF_SUFFIXES + ('.npy',):
+    if isinstance(item, (str, Path)) and Path(item).suffix.lower() == '.npy': source = open_npy(Path(item), mask=True)   # booleans: 0/1
+    elif isinstance(item, (ImageSource, np.ndarray)) or Path(item).suffix.lower() in TIFF_SUFFIXES:
         source = open_image(item, None)
     else:
         try: values = np.array(Image.open(item))

@@ -49,21 +49,24 @@ class KeepBestEpoch(TrackerCallback):
         if self.best_state is not None: unwrap_model(self.learn.model).load_state_dict(self.best_state)
 
 # %% ../../nbs/34b_pipeline.best_epoch.ipynb #b5a230ba
+def _lower_lr(lr) -> str:
+    "The fix for a diverged fold: the learning rate is part of the run's definition, so a lower one is another run."
+    return (f"Lower the learning rate (lr={lr}): rerun with a lower --lr and --restart (a run with finished folds keeps their "
+            "lr unless restarted), or write the new run to another --out")
+
 def check_trained(fold: int, model, *, keep_best: KeepBestEpoch, history: list[dict], monitor: str, lr) -> None:
     "Refuse to keep a fold that diverged: no epoch with a finite score, or weights that hold NaN."
     if keep_best.best_epoch is None:
         raise ValueError(f"fold {fold} diverged: {monitor} was {[epoch.get(monitor) for epoch in history]} by epoch, never a number, "
-                         f"so there is no model to keep. Lower the learning rate (lr={lr}) and rerun; the finished folds are kept.")
+                         f"so there is no model to keep. {_lower_lr(lr)}.")
     if not finite_state(unwrap_model(model).state_dict()):
-        raise ValueError(f"fold {fold}'s best weights (epoch {keep_best.best_epoch}) hold NaN or infinite values: lower the "
-                         f"learning rate (lr={lr}) and rerun; the finished folds are kept.")
+        raise ValueError(f"fold {fold}'s best weights (epoch {keep_best.best_epoch}) hold NaN or infinite values. {_lower_lr(lr)}.")
 
 def check_predictions(fold: int, probabilities: torch.Tensor, *, best_epoch: int | None, lr) -> None:
     "Refuse a fold whose out-of-fold probabilities hold NaN or infinite values: it diverged, even where its weights are finite."
     bad = int((~torch.isfinite(probabilities)).sum())
     if bad: raise ValueError(f"fold {fold} diverged: {bad} of its {probabilities.numel()} out-of-fold probabilities (best epoch {best_epoch}) "
-                             f"are NaN or infinite, although its weights are finite. Lower the learning rate (lr={lr}) and rerun; "
-                             f"the finished folds are kept.")
+                             f"are NaN or infinite, although its weights are finite. {_lower_lr(lr)}.")
 
 def epoch_history(recorder) -> list[dict]:
     "Each epoch's losses and metrics, as the recorder holds them."

@@ -46,9 +46,9 @@ def list_images(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) 
     images = [p for p in files if p.suffix.lower() in suffixes]
     arrays = [p for p in files if p.suffix.lower() == '.npy' and '.npy' not in suffixes]
     if arrays:
-        note = (f"{len(arrays)} .npy image(s) in '{folder}' (e.g. '{arrays[0].name}') are read only with --tile (`fastunet predict "
-                f"--tile T`, T e.g. 512)")
-        if not images: raise ValueError(f"{note}: pass --tile T")
+        note = (f"{len(arrays)} .npy image(s) in '{folder}' (e.g. '{arrays[0].name}') are read only with --tile: to predict them, "
+                f"pass --tile T (T e.g. 512); `fastunet train` takes PNG, JPEG or TIFF images (from Python, `tile_dataloaders` trains on .npy)")
+        if not images: raise ValueError(note)
         print(f"{note}: they are left out")
     refuse_shared_names(images, f"'{folder}'")
     return images

@@ -20,6 +20,7 @@ from ..learner.metrics import tgs_scores
 from ..learner.synthetic import make_synthetic_dataset
 from .ensemble import FoldEnsemble
 from .files import DEMO_MARK, atomic_write, check_ours_to_write
+from .records import holds_run, read_run
 from .submission import apply_threshold
 from .data_folder import list_images
 from .prediction import run_prediction
@@ -59,7 +60,11 @@ def run_demo(dest: str = 'fastunet_demo',          # folder for data, models, su
     set_seed(seed, reproducible=True)
     dest, start = Path(dest).resolve(), time.time()
     # the demo replaces what a demo wrote (it restarts its run): only in a new or empty folder, or one a demo marked as its own
-    check_ours_to_write(dest, marks=[DEMO_MARK], flag='--dest')
+    # (a demo of fastunet before the mark: its run trained on its own data folder)
+    try: earlier = read_run(dest / 'models') if holds_run(dest / 'models') else None
+    except ValueError: earlier = None              # a damaged run record: not known to be a demo's
+    earlier_demo = earlier is not None and earlier['definition'].get('data') == str(dest / 'data' / 'train')
+    check_ours_to_write(dest, marks=[DEMO_MARK], flag='--dest', owned=earlier_demo, command='fastunet demo')
     atomic_write(dest / DEMO_MARK, lambda p: p.write_text(json.dumps(dict(written_by='fastunet demo', arch=arch, seed=seed))))
     print(f'fastunet demo: writing data, models, submission.csv, report.json and predictions.png to {dest}')
     train = make_synthetic_dataset(dest / 'data' / 'train', n_images=n_images, size=(size, size), seed=seed)

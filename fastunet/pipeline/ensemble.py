@@ -183,6 +183,10 @@ class FoldEnsemble:
                     for model in self.models) / len(self.models)
         if gate and self.classifier_threshold:      # images the classifier calls empty: probability 0 everywhere
             probs = probs * (self._nonempty(x) >= self.classifier_threshold).to(probs.dtype)[:, None, None, None]
+        if not bool(torch.isfinite(probs).all()):  # NaN > threshold is False: the masks would come out empty without a word
+            bad = int((~torch.isfinite(probs.flatten(1))).any(1).sum())
+            raise ValueError(f"the predictions for {bad} of the {len(probs)} images of a batch hold NaN: a fold whose weights diverged, "
+                             "float16 overflow on CUDA (predict in float32: --no-autocast, autocast=False), or images holding NaN")
         return probs
 
     def _nonempty(self, x: torch.Tensor) -> torch.Tensor:

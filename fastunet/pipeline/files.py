@@ -110,27 +110,29 @@ def check_ours_to_write(out: str | Path,                        # the folder (wi
                         marks: Sequence[str] = (),              # files (glob patterns in `out`) that make a folder ours: a run record
                         header: Sequence[str] | None = None,    # `out` is a CSV file: its first row, when this command wrote it
                         inputs: Sequence[str | Path] = (),      # files the command reads: never written
-                        flag: str = '--out'                     # the argument that named `out`, for the message
+                        flag: str = '--out',                    # the argument that named `out`, for the message
+                        owned: bool = False,                    # the caller found its own state in `out` (e.g. a run's models: `holds_run`)
+                        command: str = 'fastunet'               # who writes there, for the message ('fastunet demo')
                         ) -> None:
     """Refuse to write where a user's files could be replaced, before any work: a folder that is new, empty or holds one
-    of `marks`; a file that is new, empty, or a CSV whose first row is `header`, and none of `inputs`. The message names
+    of `marks`; a file that is new, empty, or a CSV whose first row names the id column as `header` does (or 'id'), and none of `inputs`. The message names
     the files found and the fix."""
     out = Path(out)
     if header is None:
         if out.is_file(): raise ValueError(f"{flag} '{out}' is a file, not a folder: choose another {flag} (a new or empty folder)")
-        if not out.is_dir() or any(next(out.glob(mark), None) for mark in marks): return
+        if owned or not out.is_dir() or any(next(out.glob(mark), None) for mark in marks): return
         found = _files_in(out, 6)
         if found:
             names = ', '.join(found[:5]) + (', …' if len(found) > 5 else '')
-            raise ValueError(f"{flag} '{out}' holds files that fastunet did not write ({names}) and none of its own ({', '.join(marks)}): "
+            raise ValueError(f"{flag} '{out}' holds files that {command} did not write ({names}) and none of its own ({', '.join(marks)}): "
                              f"writing there could replace them. Choose another {flag} (a new or empty folder).")
         return
     if out.is_dir(): raise ValueError(f"{flag} '{out}' is a folder: give the file's path, e.g. '{out / 'submission.csv'}'")
     if not out.is_file() or out.stat().st_size == 0: return
     if any(Path(p).name == out.name and Path(p).exists() and os.path.samefile(p, out) for p in inputs):
         raise ValueError(f"{flag} '{out}' is one of the input files: writing there would replace it; choose another {flag}")
-    first = _first_row(out)
-    if first != list(header):
+    first = _first_row(out)       # an earlier submission of this command, perhaps --wide or of another model: the same id column
+    if first is None or len(first) < 2 or first[0] not in (header[0], 'id'):
         seen = 'is not text' if first is None else f"begins {','.join(first)[:80]!r}"
         raise ValueError(f"{flag} '{out}' exists and is not a file this command writes (it {seen}, not {','.join(header)!r}): "
                          f"writing there would replace it; choose another {flag} or delete it")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +37,13 @@ def lock_holder(path: str | Path) -> dict | None:
     except json.JSONDecodeError: return {}
     return holder if isinstance(holder, dict) else {}
 
+_THIS_PROCESS = secrets.token_hex(8)   # tells this process from an earlier one given the same pid (a restarted container's pid 1)
+
+def _this_holder() -> dict: return {**this_writer(), 'token': _THIS_PROCESS}
+
 def _holder_gone(path: Path, holder: dict) -> bool:
-    "Has the process that holds `path` ended (or died before writing its name into it)?"
+    "Has the process that holds `path` ended (or died before writing its name into it)? Our host and pid, not our token: it has."
+    if holder and {k: holder.get(k) for k in ('host', 'pid')} == this_writer(): return holder.get('token') != _THIS_PROCESS
     if holder: return writer_gone(holder, path)
     try: return time.time() - path.stat().st_mtime > UNWRITTEN_LOCK_S
     except FileNotFoundError: return True
@@ -63,13 +69,13 @@ def take_fold_lock(out_dir: str | Path, fold: int) -> FoldLock:
                   f"ended: this process takes the fold over")
             path.unlink(missing_ok=True)
             continue
-        with os.fdopen(handle, 'w') as f: json.dump(this_writer(), f)
-        return FoldLock(fold, path, taken=True, holder=this_writer())
+        with os.fdopen(handle, 'w') as f: json.dump(_this_holder(), f)
+        return FoldLock(fold, path, taken=True, holder=_this_holder())
     return FoldLock(fold, path, taken=False, holder=lock_holder(path))
 
 def release_fold_lock(lock: FoldLock) -> None:
     "Remove `lock` if this process holds it (never another process's lock)."
-    if lock.taken and lock_holder(lock.path) == this_writer(): lock.path.unlink(missing_ok=True)
+    if lock.taken and lock_holder(lock.path) == _this_holder(): lock.path.unlink(missing_ok=True)
 
 @contextmanager
 def fold_lock(out_dir: str | Path, fold: int, enabled: bool = True) -> Iterator[FoldLock]:

@@ -19,7 +19,7 @@ from .data_folder import IMAGE_SUFFIXES, channel_conversions, refuse_shared_name
 from .files import check_ours_to_write
 from .ensemble import FoldEnsemble
 from .options import PredictOptions
-from .records import RUN_FILE, read_run
+from .records import RUN_FILE, holds_run, read_run
 from .submission import rle_encode, write_submission
 from .thresholds import THRESHOLDS_FILE, Thresholds
 from .tiling import TileGrid, predict_labels_tiled
@@ -29,20 +29,18 @@ __all__ = ['MAX_TILE_WORK', 'LABELS_IN_MEMORY', 'check_prediction_folders', 'che
            'run_prediction']
 
 # %% ../../nbs/39a_pipeline.prediction.ipynb #aea41dab
-def _holds_run(folder: Path) -> bool: return (folder / RUN_FILE).is_file() or any(folder.glob('fold_*.json'))
-
 def check_prediction_folders(models: str | Path,                  # the folder given as the run's models
                              images: str | Path | None = None     # the folder given as the images to predict
                              ) -> None:
     "A run folder given for its models/, the two folders swapped, or a models folder given as the images: named, with the fix."
     models = Path(models)
-    if images is not None and _holds_run(Path(images)) and not _holds_run(models):
+    if images is not None and holds_run(Path(images)) and not holds_run(models):
         raise ValueError(f"the two folders look swapped: '{images}' holds a run's models and '{models}' does not: give the models "
                          f"first, then the images (fastunet predict '{images}' '{models}')")
-    if images is not None and (_holds_run(Path(images)) or _holds_run(Path(images) / 'models')):
+    if images is not None and (holds_run(Path(images)) or holds_run(Path(images) / 'models')):
         raise ValueError(f"'{images}' holds a run, not images to predict: give the folder of the images as the second folder")
-    if not models.is_dir() or _holds_run(models): return          # a missing folder: named by the ensemble's loader
-    if _holds_run(models / 'models'): raise ValueError(f"'{models}' is a run folder, not its models: did you mean '{models / 'models'}'?")
+    if not models.is_dir() or holds_run(models): return          # a missing folder: named by the ensemble's loader
+    if holds_run(models / 'models'): raise ValueError(f"'{models}' is a run folder, not its models: did you mean '{models / 'models'}'?")
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in models.iterdir()):
         raise ValueError(f"'{models}' holds images, not a run's models ({RUN_FILE} and fold_K.json): give fastunet train's "
                          f"OUT/models first, then the images")

@@ -25,8 +25,9 @@ from .state import (MUST_AGREE, STATE_SCHEMA, FoldRecord, RunRecord, read_fold_r
                                      write_fold_record, write_run_record)
 
 # %% auto #0
-__all__ = ['RUN_FILE', 'NOT_STARTED', 'read_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem', 'fold_paths',
-           'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold_nonempty', 'out_of_fold']
+__all__ = ['RUN_FILE', 'NOT_STARTED', 'read_run', 'holds_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem',
+           'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold_nonempty',
+           'out_of_fold']
 
 # %% ../../nbs/34_pipeline.records.ipynb #1c573c5b
 RUN_FILE = 'run.json'
@@ -58,6 +59,11 @@ _FOLD_FILE = re.compile(r'^fold_(0|[1-9]\d*)(\.json|\.pth|_oof\.npy)$')    # exa
 def _fold_files(out_dir: Path, kind: str | None = None) -> list[Path]:
     "The files of every fold in `out_dir` (only records with kind='.json'); a user's `fold_0_backup.pth` is not one."
     return sorted(p for p in out_dir.glob('fold_*') if (m := _FOLD_FILE.match(p.name)) and (kind is None or m[2] == kind))
+
+def holds_run(folder: str | Path) -> bool:
+    "Does `folder` hold a run's models: its run record, or fold records named exactly as `fold_paths` names them (never 'fold_01.json')?"
+    folder = Path(folder)
+    return (folder / RUN_FILE).is_file() or bool(_fold_files(folder, '.json'))
 
 def clear_run(out_dir: str | Path, folds: Sequence[int] = ()) -> None:
     """Delete what a run wrote in `out_dir`: its record and, by their exact names (`fold_paths`), the files of its folds (those

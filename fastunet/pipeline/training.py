@@ -255,7 +255,8 @@ def train_folds(dblock: DataBlock,                      # how to read items and 
         if fold_problem(out_dir, fold, run, valid_idx) is None: continue     # done and sound: an earlier run finished it
         with fold_lock(out_dir, fold, enabled=locking) as lock:
             if not lock.taken:                  # another live process trains it: take the next fold, come back to this one
-                print(f"fold {fold} is being trained by process {lock.holder.get('pid', '?')} on {lock.holder.get('host', '?')}: "
+                holder = lock.holder or {}        # None: the lock changed hands under it five times running
+                print(f"fold {fold} is being trained by process {holder.get('pid', '?')} on {holder.get('host', '?')}: "
                       f"this process moves on to the next fold")
                 busy.add(fold)
                 queue.append(fold)

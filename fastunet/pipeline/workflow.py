@@ -21,7 +21,7 @@ from .prediction import LABELS_IN_MEMORY, run_prediction  # noqa: F401
 from ..encoders.registry import create_encoder
 from .files import DEMO_MARK, atomic_write, check_ours_to_write, remove_stale_temporaries
 from .options import TrainOptions
-from .records import RUN_FILE, out_of_fold, out_of_fold_nonempty, read_run
+from .records import RUN_FILE, holds_run, out_of_fold, out_of_fold_nonempty, read_run
 from .splits import coverage_bins, make_folds
 from .task import Task
 from .thresholds import THRESHOLDS_FILE, choose_thresholds, write_thresholds
@@ -61,7 +61,7 @@ def run_training(data: str | Path,                         # folder with images/
     data, out = Path(data).resolve(), Path(out)          # resolved: a resume from another working directory is the same run
     # before anything is read or written: --out is new, empty or a run's (a user's folds.csv stays theirs), and the encoder
     # builds once (a misspelt name, options it does not take, a weights file that does not fit, no network for --pretrained)
-    check_ours_to_write(out, marks=[f'models/{RUN_FILE}', 'models/fold_*.json', DEMO_MARK])
+    check_ours_to_write(out, marks=[f'models/{RUN_FILE}', DEMO_MARK], owned=holds_run(out / 'models'))
     create_encoder(options.arch, pretrained=options.pretrained, weights=options.weights, **(options.encoder_kwargs or {}))
     images = list_images(data / 'images')
     if len(images) < options.n_folds: raise FileNotFoundError(f"'{data / 'images'}' holds {len(images)} image(s), too few for {options.n_folds} folds")
