@@ -872,6 +872,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'fastunet/pipeline/tiling.py'),
                                           'fastunet.pipeline.tiling.TileGrid.rows': ( 'pipeline.tiling.html#tilegrid.rows',
                                                                                       'fastunet/pipeline/tiling.py'),
+                                          'fastunet.pipeline.tiling.TileGrid.starts': ( 'pipeline.tiling.html#tilegrid.starts',
+                                                                                        'fastunet/pipeline/tiling.py'),
                                           'fastunet.pipeline.tiling._RowBand': ( 'pipeline.tiling.html#_rowband',
                                                                                  'fastunet/pipeline/tiling.py'),
                                           'fastunet.pipeline.tiling._RowBand.__init__': ( 'pipeline.tiling.html#_rowband.__init__',

@@ -65,14 +65,20 @@ class TileGrid:
         tile_h, tile_w = min(tile_h, height + 2 * margin), min(tile_w, width + 2 * margin)
         return cls(height, width, (int(tile_h), int(tile_w)), overlap_px, margin)
 
+    def starts(self) -> tuple[list[int], list[int]]:
+        "The tops and the lefts of the tiles, in the padded image (the margin included)."
+        tile_h, tile_w = self.tile
+        return (tile_starts(self.height + 2 * self.margin, tile_h, max(1, tile_h - self.overlap)),
+                tile_starts(self.width + 2 * self.margin, tile_w, max(1, tile_w - self.overlap)))
+
     def rows(self) -> list[tuple[int, list[int]]]:
         "(top, lefts) of each row of tiles, top to bottom, in the image's coordinates (negative: in the mirrored margin)."
-        tile_h, tile_w = self.tile
-        tops = tile_starts(self.height + 2 * self.margin, tile_h, max(1, tile_h - self.overlap))
-        lefts = tile_starts(self.width + 2 * self.margin, tile_w, max(1, tile_w - self.overlap))
+        tops, lefts = self.starts()
         return [(top - self.margin, [left - self.margin for left in lefts]) for top in tops]
 
-    def __len__(self) -> int: return sum(len(lefts) for _, lefts in self.rows())
+    def __len__(self) -> int:      # counted, not listed: a huge grid (a refused overlap) is never built to be counted
+        tops, lefts = self.starts()
+        return len(tops) * len(lefts)
 
 # %% ../../nbs/36_pipeline.tiling.ipynb #88b894a0
 BLENDINGS = ('gaussian', 'constant')
