@@ -1,7 +1,10 @@
 "Shared fixtures: small generated data sets (made once per session, never changed) and fresh DataLoaders over them."
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +40,28 @@ def console_script(name: str) -> str:
 
 
 def fastunet_command() -> str: return console_script('fastunet')
+
+
+def run_fastunet(*args: str) -> subprocess.CompletedProcess:
+    """`fastunet ARGS` in this process (no second interpreter importing torch and fastai: seconds a call): its exit status
+    and what it wrote to stderr, as `subprocess.run` gives them. Tests of the console script itself run it as a process."""
+    from fastunet.cli import main
+    err, old = io.StringIO(), sys.argv
+    sys.argv = ['fastunet', *args]
+    try:
+        with contextlib.redirect_stderr(err): main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str): err.write(e.code + '\n')
+    finally: sys.argv = old
+    return subprocess.CompletedProcess(['fastunet', *args], code, '', err.getvalue())
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    "`fastunet ARGV` in this process: (exit status, what it printed to stderr); what it printed is taken from `capsys`."
+    result = run_fastunet(*argv)
+    return result.returncode, result.stderr + capsys.readouterr().err
 
 
 def make_dls(path: Path, n_channels: int = 1, n_classes: int = 2, bs: int = 4, label_func=None, **kwargs):

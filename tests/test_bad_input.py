@@ -20,10 +20,9 @@ import torch
 import torchvision.models as tvm
 from PIL import Image
 
-from fastunet.cli import main
+from conftest import run_cli
 from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
-from fastunet.pipeline.files import atomic_write
 from fastunet.pipeline.records import fold_paths, read_run
 from fastunet.pipeline.submission import rle_decode, rle_encode
 from fastunet.pipeline.splits import make_folds
@@ -53,20 +52,6 @@ def masks_of(data: Path) -> list[Path]: return sorted((data / 'masks').glob('*.p
 
 
 def images_of(data: Path) -> list[Path]: return sorted((data / 'images').glob('*.png'))
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    "`fastunet ARGV` in this process: (exit status, what it printed to stderr)."
-    old = sys.argv
-    sys.argv = ['fastunet', *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str): print(e.code, file=sys.stderr)
-    finally: sys.argv = old
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope='module')

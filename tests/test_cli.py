@@ -5,27 +5,30 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from fastunet.cli import main
 from fastunet.learner.data import MaskFromFolder
 from fastunet.learner.metrics import tgs_scores
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.submission import apply_threshold, rle_decode
 from fastunet.pipeline.data_folder import list_images
 
-from conftest import ISBI, fastunet_command
+from conftest import ISBI, fastunet_command, run_cli
 
 
-def test_cli_help():
+def test_cli_help(capsys, monkeypatch):
     out = subprocess.run([fastunet_command(), '--help'], capture_output=True, text=True).stdout
     assert 'demo' in out and 'train' in out and 'predict' in out
-    out = subprocess.run([fastunet_command(), 'demo', '--help'], capture_output=True, text=True).stdout
-    assert '--epochs' in out and '--arch' in out and '--folds' in out
-    out = subprocess.run([fastunet_command(), 'train', '--help'], capture_output=True, text=True).stdout
-    assert '--binary-masks' in out and '--fold' in out
+    for command, flags in (('demo', ['--epochs', '--arch', '--folds']), ('train', ['--binary-masks', '--fold'])):
+        monkeypatch.setattr(sys, 'argv', ['fastunet', command, '--help'])    # in this process: no second import of torch
+        with pytest.raises(SystemExit): main()
+        out = capsys.readouterr().out
+        assert all(flag in out for flag in flags), out
     result = subprocess.run([fastunet_command(), 'nonsense'], capture_output=True, text=True)
     assert result.returncode == 2
 
@@ -114,20 +117,17 @@ def test_train_and_predict_a_unet_from_scratch(data_factory, tmp_path):
 
 
 @pytest.mark.parametrize('options', ['features=8', '[8, 3]'])
-def test_encoder_kwargs_that_are_not_a_json_object_are_refused(data_factory, tmp_path, options):
+def test_encoder_kwargs_that_are_not_a_json_object_are_refused(data_factory, tmp_path, capsys, options):
     data = data_factory(1, 2, size=(64, 64), n_images=12)
-    result = subprocess.run([fastunet_command(), 'train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'unet',
-                             '--encoder-kwargs', options], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert '--encoder-kwargs must be a JSON object' in result.stderr
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'unet', '--encoder-kwargs', options], capsys)
+    assert code != 0 and '--encoder-kwargs must be a JSON object' in err, err
     assert not (tmp_path / 'run').exists()                                   # refused before anything was written
 
 
 @pytest.mark.parametrize('options, message', [(['--config', 'papr'], "unknown config preset 'papr'"),
                                               (['--pretrained'], 'trains from scratch: leave out --pretrained')])
-def test_bad_unet_options_are_refused_before_any_work(data_factory, tmp_path, options, message):
+def test_bad_unet_options_are_refused_before_any_work(data_factory, tmp_path, capsys, options, message):
     data = data_factory(1, 2, size=(64, 64), n_images=12)
-    result = subprocess.run([fastunet_command(), 'train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'unet', *options],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and message in result.stderr
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'unet', *options], capsys)
+    assert code != 0 and message in err, err
     assert not (tmp_path / 'run').exists()

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import fastunet_command
+from conftest import run_fastunet
 from fastunet.learner.data import MaskFromFolder, image_array
 from fastunet.learner.metrics import tgs_scores
 from fastunet.learner.synthetic import make_synthetic_dataset
@@ -29,7 +29,7 @@ TRAIN = dict(arch='resnet10t', n_folds=2, epochs=2, lr=1e-3, bs=4, seed=0)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([fastunet_command(), *args], capture_output=True, text=True, timeout=600)
+    result = run_fastunet(*args)         # in this process: a second interpreter's imports cost seconds a call
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

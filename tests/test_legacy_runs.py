@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_fastunet
 from fastunet.pipeline.data_folder import list_images
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.prediction import run_prediction
@@ -45,9 +46,9 @@ def test_the_command_line_predicts_an_older_run_on_the_device_asked_for(tmp_path
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / 's.csv').read_text() == (RUNS / 'cls' / 'expected.csv').read_text()
-    refused = subprocess.run([*command[:-1], 'cuda:7'], capture_output=True, text=True, timeout=300)
+    refused = run_fastunet(*command[1:-1], 'cuda:7')            # the refusals in this process: no second import of torch
     assert refused.returncode == 1 and '--device cuda:7' in refused.stderr and 'Traceback' not in refused.stderr, refused.stderr
-    assert "--device must be 'cpu', 'cuda' or 'cuda:N'" in subprocess.run([*command[:-1], 'gpu'], capture_output=True, text=True).stderr
+    assert "--device must be 'cpu', 'cuda' or 'cuda:N'" in run_fastunet(*command[1:-1], 'gpu').stderr
 
 
 def test_a_run_of_fastunet_0_1_resumes_today(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from fastai.vision.all import ColReader, DataBlock, Flip, ImageBlock, PILImageBW, Pipeline
 
-from conftest import fastunet_command
+from conftest import run_fastunet
 from fastunet.learner.multilabel import MultiLabelDice, MultiLabelMaskBlock, MultiLabelMasks, dice_scores
 from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
@@ -30,7 +30,7 @@ LABELS = ['1', '2', '3']
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([fastunet_command(), *args], capture_output=True, text=True, timeout=600)
+    result = run_fastunet(*args)         # in this process: a second interpreter's imports cost seconds a call
     if ok: assert result.returncode == 0, result.stderr[-3000:]
     return result
 

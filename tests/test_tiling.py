@@ -20,7 +20,7 @@ from fastunet.learner.synthetic import make_synthetic_dataset
 from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.splits import make_folds
 from fastunet.pipeline.submission import rle_decode, rle_encode
-from fastunet.pipeline.tiling import TileGrid, predict_labels_tiled, predict_tiled
+from fastunet.pipeline.tiling import predict_labels_tiled, predict_tiled
 from fastunet.pipeline.training import train_folds
 from fastunet.pipeline.data_folder import segmentation_block
 from fastunet.pipeline.prediction import tiled_rows

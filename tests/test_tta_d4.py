@@ -2,7 +2,6 @@
 averaging the eight predictions of a model that is neither flip- nor rotation-equivariant, on non-square images."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
