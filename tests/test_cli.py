@@ -18,7 +18,7 @@ from fastunet.pipeline.ensemble import FoldEnsemble
 from fastunet.pipeline.submission import apply_threshold, rle_decode
 from fastunet.pipeline.data_folder import list_images
 
-from conftest import ISBI, fastunet_command, run_cli
+from conftest import ISBI, fastunet_command, run_cli, run_fastunet
 
 
 def test_cli_help(capsys, monkeypatch):
@@ -75,17 +75,15 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not ISBI.exists(), reason=f'ISBI 2012 data not found at {ISBI} (see shared/data/README.md)')
 def test_train_and_predict_on_isbi(tmp_path):
-    result = subprocess.run([fastunet_command(), 'train', str(ISBI), '--out', str(tmp_path), '--arch', 'resnet10t', '--folds', '2',
-                             '--epochs', '1', '--crop', '128', '--bs', '4', '--mask-folder', 'labels', '--binary-masks'],
-                            capture_output=True, text=True, timeout=600)
+    result = run_fastunet('train', str(ISBI), '--out', str(tmp_path), '--arch', 'resnet10t', '--folds', '2',      # in this process
+                          '--epochs', '1', '--crop', '128', '--bs', '4', '--mask-folder', 'labels', '--binary-masks')
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / 'report.json').read_text())
     assert [row['fold'] for row in report['cv']] == [0, 1] and all(np.isfinite(row['score']) for row in report['cv'])
     out, test_images = tmp_path / 'submission.csv', tmp_path / 'test_images'
     test_images.mkdir()
     for image in sorted((ISBI / 'images').glob('*.png'))[:3]: (test_images / image.name).symlink_to(image)   # a few keep it fast
-    result = subprocess.run([fastunet_command(), 'predict', str(tmp_path / 'models'), str(test_images), '--out', str(out),
-                             '--threshold', '0.5'], capture_output=True, text=True, timeout=600)
+    result = run_fastunet('predict', str(tmp_path / 'models'), str(test_images), '--out', str(out), '--threshold', '0.5')
     assert result.returncode == 0, result.stderr[-2000:]
     rows = submission_rows(out)
     assert [image_id for image_id, _ in rows] == ['00', '01', '02']
@@ -98,15 +96,14 @@ def test_train_and_predict_a_unet_from_scratch(data_factory, tmp_path):
     "--arch unet with the paper's decoder and encoder options: trained, recorded, ensembled into a submission."
     data = data_factory(1, 2, size=(64, 64), n_images=12)
     out = tmp_path / 'run'
-    train = subprocess.run([fastunet_command(), 'train', str(data), '--out', str(out), '--arch', 'unet', '--config', 'paper',
-                            '--encoder-kwargs', '{"features": 8, "depth": 3}', '--folds', '2', '--epochs', '1', '--bs', '4'],
-                           capture_output=True, text=True, timeout=600)
+    train = run_fastunet('train', str(data), '--out', str(out), '--arch', 'unet', '--config', 'paper',
+                         '--encoder-kwargs', '{"features": 8, "depth": 3}', '--folds', '2', '--epochs', '1', '--bs', '4')
     assert train.returncode == 0, train.stderr[-2000:]
     record = json.loads((out / 'models' / 'fold_1.json').read_text())
     assert (record['arch'], record['encoder_kwargs'], record['config']['upsample']) == ('unet', {'features': 8, 'depth': 3}, 'transposed')
     submission = tmp_path / 'submission.csv'
-    predict = subprocess.run([fastunet_command(), 'predict', str(out / 'models'), str(data / 'images'), '--out', str(submission),
-                              '--workers', '0', '--no-autocast'], capture_output=True, text=True, timeout=600)   # images read in-process
+    predict = run_fastunet('predict', str(out / 'models'), str(data / 'images'), '--out', str(submission), '--workers', '0',
+                           '--no-autocast')   # images read in-process
     assert predict.returncode == 0, predict.stderr[-2000:]
     images = list_images(data / 'images')
     chosen = json.loads((out / 'models' / 'threshold.json').read_text())
