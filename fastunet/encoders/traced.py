@@ -163,7 +163,9 @@ def torchvision_encoder(arch: Callable[..., nn.Module] | nn.Module, n_in: int = 
         try: model = arch(weights=tv_weights)
         except TypeError: model = arch(pretrained=bool(tv_weights))
         except Exception as e:
-            if tv_weights is not None: raise PretrainedWeightsUnavailable(name, e) from e
+            if tv_weights is not None:
+                raise PretrainedWeightsUnavailable(name, e, f"torch.save(torchvision.models.{name}(weights='DEFAULT').state_dict(), "
+                                                            f"'{name}.pth')") from e
             raise
         if local_file: load_into_model(model, load_local_state_dict(weights), name)
     return TracedEncoder(model.eval(), n_in=n_in, name=f'torchvision:{name}')
@@ -198,7 +200,9 @@ def pretrainedmodels_encoder(name: str, n_in: int = 3, pretrained: bool = False,
     source = 'imagenet' if pretrained and weights is None else None
     try: model = pretrainedmodels.__dict__[name](num_classes=1000, pretrained=source)
     except Exception as e:
-        if source: raise PretrainedWeightsUnavailable(name, e) from e
+        if source:
+            raise PretrainedWeightsUnavailable(name, e, f"torch.save(pretrainedmodels.__dict__['{name}'](num_classes=1000, "
+                                                        f"pretrained='imagenet').state_dict(), '{name}.pth')") from e
         raise
     if weights is not None: load_into_model(model, load_local_state_dict(weights), name)
     return TracedEncoder(model.eval(), n_in=n_in, stats=_pretrainedmodels_stats(name), name=f'pretrainedmodels:{name}')

@@ -20,13 +20,15 @@ __all__ = ['HEAD_NAMES', 'PretrainedWeightsUnavailable', 'in_classifier_head', '
 class PretrainedWeightsUnavailable(ValueError, RuntimeError):
     """Raised when `pretrained=True` cannot fetch weights (offline, or no weights published for the name). A ValueError,
     so that the command line prints its message (what to pass instead) rather than a traceback."""
-    def __init__(self, name: str, cause: Exception):
+    def __init__(self, name: str, cause: Exception,
+                 download: str | None = None):   # the Python that saves the weights where there is network (default: timm's)
         # the libraries' download errors (connection, offline hub, URL) are OSErrors; anything else: no such weights
         problem = (f"no network to download the pretrained weights of '{name}'" if isinstance(cause, OSError) else
                    f"could not get pretrained weights for '{name}'")
+        download = download or f"torch.save(timm.create_model('{name}', pretrained=True).state_dict(), '{name}.pth')"
         super().__init__(
             f"{problem} ({type(cause).__name__}: {str(cause)[:300]}). Download them on a machine with network (the classification network's state "
-            f"dict, e.g. for timm torch.save(timm.create_model('{name}', pretrained=True).state_dict(), '{name}.pth')) and pass "
+            f"dict: {download}) and pass "
             f"weights='{name}.pth' (on the command line: --weights {name}.pth), or pretrained=False (leave out --pretrained).")
 
 # %% ../../nbs/00_encoders.weights.ipynb #d7c10a7e
