@@ -27,6 +27,7 @@ from .learner.checks import *
 from .learner.head_losses import *
 from .learner.ema import *
 from .learner.multilabel import *
+from .learner.loss_spec import *
 from .learner.unet_learner import *
 from .learner.distributed import *
 from .learner.image_source import *
@@ -49,12 +50,12 @@ from .pipeline.thresholds import *
 from .pipeline.options import *
 from .encoders import weights, contract, timm_features, traced, scratch, registry
 from .unet import layers, config, plan, blocks, heads, memory_format, model
-from .learner import losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, unet_learner, distributed, image_source, tiles
+from .learner import losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, loss_spec, unet_learner, distributed, image_source, tiles
 from .pipeline import files, splits, inference, tta, state, fold_weights, records, lock, best_epoch, task, training, tiling, ensemble, submission, thresholds, options
 
 # re-export every module's public names (nbdev writes an empty `__all__` for this module)
 __all__ = [name for module in (weights, contract, timm_features, traced, scratch, registry, layers, config, plan, blocks, heads, memory_format,
-                              model, losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, unet_learner, distributed, image_source,
+                              model, losses, metrics, synthetic, data, checks, head_losses, ema, multilabel, loss_spec, unet_learner, distributed, image_source,
                               tiles,
                               files, splits, inference, tta, state, fold_weights, records, lock, best_epoch, task, training, tiling, ensemble, submission,
                               thresholds, options)

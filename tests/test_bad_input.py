@@ -1056,3 +1056,46 @@ def test_a_users_file_named_like_a_fold_record_does_not_make_a_folder_a_run(data
     code, err = run_cli(['train', str(data), '--out', str(out), '--arch', 'resnet10t', '--folds', '2', '--epochs', '1', '--restart'], capsys)
     assert code == 1 and 'holds files that fastunet did not write' in err, err
     assert (out / 'folds.csv').read_text() == 'mine\n'
+
+
+# ---------------------------------------------------------------- issue 27: losses
+@pytest.mark.parametrize('classes, argv, message', [
+    (2, ['--loss', 'lovaz'], "--loss: unknown loss 'lovaz' (did you mean 'lovasz' or 'lovasz-softmax'?); the losses are bce, dice, focal, lovasz, "
+                             "symmetric-lovasz, ce, lovasz-softmax"),
+    (2, ['--loss', 'bce:0.25+symetric-lovasz'], "unknown loss 'symetric-lovasz' (did you mean 'symmetric-lovasz' or 'lovasz'?)"),
+    (2, ['--loss', 'bce:-1'], "--loss: the weight of 'bce' must be a positive number, such as 'bce:0.5', not '-1'"),
+    (2, ['--loss', 'bce:0+lovasz'], "--loss: the weight of 'bce' must be a positive number, such as 'bce:0.5', not '0'"),
+    (2, ['--loss', 'bce:inf'], "the weight of 'bce' must be a positive number, such as 'bce:0.5', not 'inf'"),
+    (2, ['--loss', 'lovasz:half'], "the weight of 'lovasz' must be a positive number, such as 'lovasz:0.5', not 'half'"),
+    (2, ['--loss', 'bce+'], "--loss: 'bce+' has an empty term: write the sum as 'bce:0.25+lovasz:0.75'"),
+    (2, ['--epochs', '2', '--loss-after', '2:lovasz'], "--loss-after 2:lovasz switches the loss after epoch 2, but each fold trains "
+                                                        "--epochs 2: switch after 1 epoch, or train more --epochs"),
+    (2, ['--epochs', '1', '--loss-after', '1:lovasz'], 'train --epochs 2 or more'),
+    (2, ['--epochs', '2', '--loss-after', '0:lovasz'], '--loss-after (its epochs before the switch) must be a whole number ≥ 1, not 0'),
+    (2, ['--epochs', '2', '--loss-after', 'lovasz'], "--loss-after takes EPOCH:LOSS as one value, such as '10:lovasz', not 'lovasz'"),
+    (2, ['--epochs', '2', '--loss-after', '1:lovaz'], "--loss-after: unknown loss 'lovaz' (did you mean 'lovasz' or 'lovasz-softmax'?)"),
+    (2, ['--loss', 'ce'], "--loss ce: a binary model has one sigmoid output, and 'ce' needs a softmax over classes: use 'bce' "
+                          "(e.g. 'bce'); the losses of a binary task are bce, dice, focal, lovasz, symmetric-lovasz"),
+    (2, ['--loss', 'bce:0.5+lovasz-softmax'], "--loss bce:0.5+lovasz-softmax: a binary model has one sigmoid output, and "
+                                              "'lovasz-softmax' needs a softmax over classes: use 'lovasz' (e.g. 'bce:0.5+lovasz')"),
+    (2, ['--epochs', '2', '--loss-after', '1:ce'], "--loss-after 1:ce: a binary model has one sigmoid output"),
+    (3, ['--classes', '3', '--loss', 'bce+dice'], "--loss bce+dice: a model of classes has a softmax over them, and 'bce' is a loss of "
+                                                  "independent sigmoid outputs: use 'ce' (e.g. 'ce+dice'); the losses of a classes task "
+                                                  "are dice, focal, ce, lovasz-softmax"),
+    (3, ['--classes', '3', '--loss', 'symmetric-lovasz'], "use 'lovasz-softmax' (e.g. 'lovasz-softmax')"),
+], ids=lambda v: ' '.join(v) if isinstance(v, list) else None)
+def test_bad_losses_are_refused_before_anything_is_written(data_factory, tmp_path, capsys, classes, argv, message):
+    data = data_factory(1, classes, size=(32, 32), n_images=8)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'resnet10t', '--folds', '2', *argv], capsys)
+    assert code == 1 and message in err, err
+    assert 'Traceback' not in err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_softmax_loss_for_overlapping_labels_is_refused_with_the_sigmoid_one(tmp_path, capsys):
+    data = make_synthetic_dataset(tmp_path / 'labels', n_images=8, size=(32, 32), labels=2, seed=3)
+    code, err = run_cli(['train', str(data), '--out', str(tmp_path / 'run'), '--arch', 'resnet10t', '--folds', '2', '--multilabel',
+                         '--loss', 'bce+lovasz-softmax'], capsys)
+    assert code == 1 and ("--loss bce+lovasz-softmax: a multi-label model has a sigmoid per label (labels may overlap), and "
+                          "'lovasz-softmax' needs a softmax over exclusive classes: use 'lovasz' (e.g. 'bce+lovasz')") in err, err
+    assert not (tmp_path / 'run').exists()

@@ -16,13 +16,14 @@ import torch
 from ..encoders.registry import from_scratch
 from ..unet.config import UnetConfig
 from ..learner.ema import check_ema_decay
+from ..learner.loss_spec import parse_loss
 from .tiling import BLENDINGS, TileGrid
 from .training import check_learning_rate, check_whole
 from .tta import check_tta_scales, transforms_per_pass, tta_transforms
 
 # %% auto #0
 __all__ = ['PREDICT_OPTION_NAMES', 'option', 'option_flag', 'parse_overlap', 'parse_json_object', 'parse_option',
-           'check_probability', 'check_device', 'PredictOptions', 'TrainOptions']
+           'parse_loss_after', 'check_probability', 'check_device', 'PredictOptions', 'TrainOptions']
 
 # %% ../../nbs/38b_pipeline.options.ipynb #3474fedd
 def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, flag: str | None = None, negative: str | None = None) -> Any:
@@ -60,6 +61,12 @@ def parse_option(record_field, text: str) -> Any:
     except ValueError as e:
         if parse in (int, float): raise ValueError(f"{option_flag(record_field)} takes {'a whole number' if parse is int else 'a number'}, not {text!r}") from None
         raise ValueError(str(e)) from None
+
+def parse_loss_after(text: str) -> tuple[int, str]:
+    "--loss-after as one value, EPOCH:LOSS ('10:lovasz', '5:bce:0.5+lovasz:0.5'): the epochs before the switch, and the loss after."
+    epoch, _, spec = text.partition(':')
+    try: return int(epoch), spec
+    except ValueError: raise ValueError(f"--loss-after takes EPOCH:LOSS as one value, such as '10:lovasz', not {text!r}") from None
 
 def check_probability(value, name: str, optional: bool = True) -> None:
     "Refuse `value` unless it is a probability in [0, 1] (or None, if `optional`): not NaN, not a bool, naming the option."
@@ -207,6 +214,11 @@ class TrainOptions:
                                        "timm's downloaded on another machine): --pretrained without the network", str)
     mask_suffix: str | None = option(None, "the masks' file ending when it is not the image's own name, e.g. '.png' (JPEG images, PNG "
                                            "masks) or '_mask.png' (x.jpg → x_mask.png)", str)
+    loss: str | None = option(None, "the loss, a name or a weighted sum such as 'bce:0.25+lovasz:0.75': bce, lovasz, symmetric-lovasz "
+                              "(binary, --multilabel), ce, lovasz-softmax (--classes), dice, focal (any) (default: BCE + symmetric "
+                              "Lovász; cross-entropy for --classes)", str)
+    loss_after: tuple | None = option(None, "switch the loss after this many epochs of each fold: EPOCH:LOSS as one value, e.g. "
+                                      "'10:lovasz' or '5:bce:0.5+lovasz:0.5' (a loss as --loss takes it)", parse_loss_after)
 
     def __post_init__(self):
         check_whole(self.n_folds, '--folds', 2)
@@ -237,6 +249,27 @@ class TrainOptions:
             raise ValueError(f"--mask-suffix is the ending of a mask's file name, e.g. '.png' or '_mask.png', not {self.mask_suffix!r}")
         if self.encoder_kwargs is not None and not isinstance(self.encoder_kwargs, dict):
             raise ValueError(f"encoder_kwargs must be a dict of the encoder's options, not {self.encoder_kwargs!r}")
+        self._check_losses()
+
+    def _check_losses(self) -> None:
+        "Known loss names and positive weights, a switch inside the epochs; each loss in one spelling (one run)."
+        if self.loss is not None:
+            try: object.__setattr__(self, 'loss', str(parse_loss(self.loss)))
+            except ValueError as e: raise ValueError(f"--loss: {e}") from None
+        if self.loss_after is None: return
+        after = parse_loss_after(self.loss_after) if isinstance(self.loss_after, str) else self.loss_after
+        if not isinstance(after, (tuple, list)) or len(after) != 2:
+            raise ValueError(f"loss_after is (epochs, loss), e.g. (10, 'lovasz'), or '10:lovasz', not {self.loss_after!r}")
+        epoch, spec = after
+        check_whole(epoch, '--loss-after (its epochs before the switch)')
+        if epoch >= self.epochs:
+            span = '1 epoch' if self.epochs == 2 else f'1 to {self.epochs - 1} epochs'
+            fix = f"switch after {span}, or train more --epochs" if self.epochs > 1 else "train --epochs 2 or more"
+            raise ValueError(f"--loss-after {epoch}:{spec} switches the loss after epoch {epoch}, but each fold trains --epochs {self.epochs}: {fix}")
+        try: spec = str(parse_loss(spec))
+        except ValueError as e: raise ValueError(f"--loss-after: {e}") from None
+        if spec == self.loss: raise ValueError(f"--loss-after {epoch}:{spec} switches to the loss --loss already gives: leave out --loss-after")
+        object.__setattr__(self, 'loss_after', (int(epoch), spec))
 
     @classmethod
     def of(cls, options: TrainOptions | None = None, **fields_given) -> TrainOptions:

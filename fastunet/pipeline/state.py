@@ -104,6 +104,7 @@ class FoldRecord(_MappingRecord):
     seed: int | None = None
     oof_nonempty: list | None = None   # the empty-mask classifier's out-of-fold probabilities, one per validation item
     ema: float | None = None
+    loss_schedule: dict | None = None  # --loss-after: the epoch the loss switched after and the loss of each epoch
     history: list = field(default_factory=list)
     seconds: float | None = None
     versions: dict = field(default_factory=dict)

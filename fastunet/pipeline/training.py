@@ -31,6 +31,7 @@ from ..unet.config import ADDED_FIELDS, UnetConfig
 from ..learner.dataset_check import check_datablock, item_names
 from ..learner.distributed import barrier, broadcast_state, data_parallel, is_main_process, unwrap_model
 from ..learner.ema import check_ema_decay
+from ..learner.loss_spec import LossSchedule
 from ..learner.multilabel import UnpackLabels
 from ..learner.unet_learner import more_dynamic_unet_learner
 from .files import atomic_write, remove_stale_temporaries
@@ -196,6 +197,7 @@ def _train_fold(dblock: DataBlock, df: pd.DataFrame, fold: int, valid_idx: np.nd
         activation=activation_name(learn.loss_func, model.n_out), monitor=monitor, score=float(keep_best.best),
         best_epoch=keep_best.best_epoch, epochs=definition_value(epochs), lr=definition_value(lr), fine_tune=fine_tune, seed=definition_value(seed),
         valid_index=valid_idx.tolist(), oof_nonempty=nonempty, ema=(learner_kwargs or {}).get('ema'),
+        loss_schedule=next((cb.record() for cb in cbs or [] if isinstance(cb, LossSchedule)), None),   # which loss each epoch had
         task=None if task is None else task.as_dict(),
         history=history, seconds=round(time.time() - start, 1), versions=_versions())
     atomic_write(fold_paths(out_dir, fold)['oof'], lambda p: _save_array(p, probs.numpy().astype(np.float16)))

@@ -15,6 +15,7 @@ from fastai.vision.augment import ResizeMethod
 
 from ..learner.dataset_check import check_datablock
 from ..learner.distributed import is_main_process
+from ..learner.loss_spec import LossSchedule, make_loss
 from .data_folder import CLI_FIXES, folder_channels, list_images, mask_labels, segmentation_block, true_masks
 from .data_folder import IMAGE_SUFFIXES  # noqa: F401  (fastunet 0.1.0's import path, with list_images and the two below)
 from .prediction import LABELS_IN_MEMORY, run_prediction  # noqa: F401
@@ -35,6 +36,12 @@ def folder_task(data: Path, options: TrainOptions) -> Task:
     "The task of a data folder trained with `options`: its label folders (multilabel), else binary or `classes` codes."
     if options.multilabel: return Task.multilabel(mask_labels(data, options.mask_folder, options.classes))
     return Task.binary() if options.classes in (None, 2) else Task.classes(options.classes)
+
+def _task_loss(spec: str | None, task: Task, given_as: str):
+    "The loss of `spec` for `task` (None: the task's own), or a message that names the option as `given_as` and the loss that fits."
+    if spec is None: return task.loss()
+    try: return make_loss(spec, task)
+    except ValueError as e: raise ValueError(f"{given_as}: {e}") from None
 
 def _choose(out: Path, df: pd.DataFrame, task: Task, options: TrainOptions) -> dict:
     "Thresholds chosen on every fold's out-of-fold predictions, written beside the models; the report's part of them."
@@ -66,6 +73,9 @@ def run_training(data: str | Path,                         # folder with images/
     images = list_images(data / 'images')
     if len(images) < options.n_folds: raise FileNotFoundError(f"'{data / 'images'}' holds {len(images)} image(s), too few for {options.n_folds} folds")
     task = folder_task(data, options)
+    loss_func = _task_loss(options.loss, task, f'--loss {options.loss}')      # a loss that does not fit the task: refused before any file
+    after = options.loss_after
+    cbs = None if after is None else [LossSchedule(after[0], _task_loss(after[1], task, f'--loss-after {after[0]}:{after[1]}'))]
     dblock = segmentation_block(folder_channels(images), mask_folder=options.mask_folder, binary_masks=options.binary_masks,
                                 crop=options.crop, resize=options.resize, task=task, mask_suffix=options.mask_suffix)
     items = pd.DataFrame({'item': [str(p) for p in images]})
@@ -78,7 +88,7 @@ def run_training(data: str | Path,                         # folder with images/
         if options.restart:                              # the run's own files beside its models; train_folds clears models/
             for path in (out / 'folds.csv', out / 'report.json', out / 'models' / THRESHOLDS_FILE): path.unlink(missing_ok=True)
     learner_kwargs = dict(n_out=task.n_out, pretrained=options.pretrained, config=options.config, encoder_kwargs=options.encoder_kwargs or {},
-                          loss_func=task.loss(), metrics=task.metrics(),
+                          loss_func=loss_func, metrics=task.metrics(),     # --loss: named by its spec in the run's definition
                           # only when asked for: the definition of a run made before these options stays the same (it resumes)
                           **({'deep_supervision': True} if options.deep_supervision else {}), **({'classifier': True} if options.classifier else {}),
                           **({'weights': str(Path(options.weights).resolve())} if options.weights is not None else {}))
@@ -86,11 +96,12 @@ def run_training(data: str | Path,                         # folder with images/
     run_args = dict(data=str(data), mask_folder=options.mask_folder, binary_masks=options.binary_masks, classes=classes, crop=options.crop,
                     resize=options.resize, resize_method=None if options.resize is None else ResizeMethod.Squish,
                     **({'labels': list(task.labels)} if task.kind == 'multilabel' else {}),
-                    **({'mask_suffix': options.mask_suffix} if options.mask_suffix is not None else {}))
+                    **({'mask_suffix': options.mask_suffix} if options.mask_suffix is not None else {}),
+                    **({'loss_after': list(after)} if after is not None else {}))
     cv = train_folds(dblock, df, options.arch, out / 'models', epochs=options.epochs, lr=options.lr, bs=options.bs, seed=options.seed,
                      monitor=task.monitor, folds=None if options.fold is None else [options.fold], dls_kwargs=dict(num_workers=0),
                      learner_kwargs=learner_kwargs, check_data=False, restart=options.restart, run_args=run_args, fixes=CLI_FIXES,
-                     ema=options.ema, task=task)
+                     ema=options.ema, task=task, cbs=cbs)
     if is_main_process():                                # the folds, by path inside the data folder
         relative = df.assign(item=[str(Path(p).relative_to(data)) for p in df['item']])
         atomic_write(out / 'folds.csv', lambda p: relative.to_csv(p, index=False))
