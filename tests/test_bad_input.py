@@ -1099,3 +1099,14 @@ def test_a_softmax_loss_for_overlapping_labels_is_refused_with_the_sigmoid_one(t
     assert code == 1 and ("--loss bce+lovasz-softmax: a multi-label model has a sigmoid per label (labels may overlap), and "
                           "'lovasz-softmax' needs a softmax over exclusive classes: use 'lovasz' (e.g. 'bce+lovasz')") in err, err
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_resumed_run_keeps_the_channels_of_its_finished_folds(data_factory, tmp_path, capsys):
+    "Channels are decided from every image now (once the first file's): a run resumed on a folder that became mixed keeps its model's input."
+    data = copy_data(data_factory, tmp_path)
+    run_training(data, tmp_path / 'run', **TRAIN, fold=0)                  # fold 0 on grey images
+    Image.open(images_of(data)[5]).convert('RGB').save(images_of(data)[5])
+    capsys.readouterr()
+    run_training(data, tmp_path / 'run', **TRAIN)                          # the same run: fold 1 trains as fold 0 did
+    assert 'trained its finished folds on 1-channel images: every image is read so' in capsys.readouterr().out
+    assert FoldEnsemble.from_dir(tmp_path / 'run' / 'models', device='cpu').n_in == 1

@@ -25,9 +25,9 @@ from .state import (MUST_AGREE, STATE_SCHEMA, FoldRecord, RunRecord, read_fold_r
                                      write_fold_record, write_run_record)
 
 # %% auto #0
-__all__ = ['RUN_FILE', 'NOT_STARTED', 'read_run', 'holds_run', 'clear_run', 'open_run', 'finite_state', 'fold_problem',
-           'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof', 'out_of_fold_nonempty',
-           'out_of_fold']
+__all__ = ['RUN_FILE', 'NOT_STARTED', 'read_run', 'holds_run', 'clear_run', 'run_channels', 'open_run', 'finite_state',
+           'fold_problem', 'fold_paths', 'save_fold_record', 'load_fold_records', 'cv_table', 'read_oof',
+           'out_of_fold_nonempty', 'out_of_fold']
 
 # %% ../../nbs/34_pipeline.records.ipynb #1c573c5b
 RUN_FILE = 'run.json'
@@ -78,14 +78,25 @@ def clear_run(out_dir: str | Path, folds: Sequence[int] = ()) -> None:
         if path.name == fold_paths(out_dir, record.fold)['record'].name: own.add(record.fold)
     for path in [out_dir / RUN_FILE, *(p for fold in sorted(own) for p in fold_paths(out_dir, fold).values())]: path.unlink(missing_ok=True)
 
-def _finished_folds(out_dir: Path, run_id: str) -> list[int]:
-    "The folds whose record says they were finished by run `run_id`."
+def _finished_records(out_dir: Path, run_id: str) -> list[FoldRecord]:
+    "The records of the folds that run `run_id` finished (a damaged record: not finished)."
     finished = []
     for path in _fold_files(out_dir, '.json'):
         try: record = read_fold_record(path)
-        except ValueError: continue                 # damaged: not finished
-        if record.run_id == run_id: finished.append(record.fold)
+        except ValueError: continue
+        if record.run_id == run_id: finished.append(record)
     return finished
+
+def _finished_folds(out_dir: Path, run_id: str) -> list[int]:
+    "The folds whose record says they were finished by run `run_id`."
+    return [record.fold for record in _finished_records(out_dir, run_id)]
+
+def run_channels(out_dir: str | Path) -> int | None:
+    "The input channels of the folds the run in `out_dir` finished (None: no run, or no fold finished): a resumed run keeps them."
+    try: run = read_run(out_dir)
+    except ValueError: return None                  # a damaged run record is named when the run is opened
+    channels = {record.n_in for record in _finished_records(Path(out_dir), run['run_id'])} if run is not None else set()
+    return channels.pop() if len(channels) == 1 else None
 
 def _abandoned(out_dir: Path, run: RunRecord) -> bool:
     "Did `run` finish no fold, and is the process that works on it gone (or this one: a notebook's earlier call)?"

@@ -22,7 +22,7 @@ from .prediction import LABELS_IN_MEMORY, run_prediction  # noqa: F401
 from ..encoders.registry import create_encoder
 from .files import DEMO_MARK, atomic_write, check_ours_to_write, remove_stale_temporaries
 from .options import TrainOptions
-from .records import RUN_FILE, holds_run, out_of_fold, out_of_fold_nonempty, read_run
+from .records import RUN_FILE, holds_run, out_of_fold, out_of_fold_nonempty, read_run, run_channels
 from .splits import coverage_bins, make_folds
 from .task import Task
 from .thresholds import THRESHOLDS_FILE, choose_thresholds, write_thresholds
@@ -76,7 +76,11 @@ def run_training(data: str | Path,                         # folder with images/
     loss_func = _task_loss(options.loss, task, f'--loss {options.loss}')      # a loss that does not fit the task: refused before any file
     after = options.loss_after
     cbs = None if after is None else [LossSchedule(after[0], _task_loss(after[1], task, f'--loss-after {after[0]}:{after[1]}'))]
-    dblock = segmentation_block(folder_channels(images), mask_folder=options.mask_folder, binary_masks=options.binary_masks,
+    channels = folder_channels(images)
+    if not options.restart and (kept := run_channels(out / 'models')) not in (None, channels):     # a run keeps its model's input
+        print(f"the run in '{out}' trained its finished folds on {kept}-channel images: every image is read so, as they were")
+        channels = kept
+    dblock = segmentation_block(channels, mask_folder=options.mask_folder, binary_masks=options.binary_masks,
                                 crop=options.crop, resize=options.resize, task=task, mask_suffix=options.mask_suffix)
     items = pd.DataFrame({'item': [str(p) for p in images]})
     # every image and mask, before any epoch (multi-label masks travel packed: a code per combination of labels)
