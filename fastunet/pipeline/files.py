@@ -114,9 +114,9 @@ def check_ours_to_write(out: str | Path,                        # the folder (wi
                         owned: bool = False,                    # the caller found its own state in `out` (e.g. a run's models: `holds_run`)
                         command: str = 'fastunet'               # who writes there, for the message ('fastunet demo')
                         ) -> None:
-    """Refuse to write where a user's files could be replaced, before any work: a folder that is new, empty or holds one
-    of `marks`; a file that is new, empty, or a CSV whose first row names the id column as `header` does (or 'id'), and none of `inputs`. The message names
-    the files found and the fix."""
+    """Refuse to write where a user's files could be replaced, before any work: a folder that is new, empty, `owned` or
+    holds one of `marks`; a file that is new, empty, or a CSV whose first row names the id column as `header` does (or
+    'id'), and none of `inputs`. The message names the files found and the fix."""
     out = Path(out)
     if header is None:
         if out.is_file(): raise ValueError(f"{flag} '{out}' is a file, not a folder: choose another {flag} (a new or empty folder)")
